@@ -1,0 +1,223 @@
+"""The recipe: one pydantic model for the whole pipeline, read from a YAML file.
+
+A recipe holds only fields the code reads. Unknown keys are an error that names the key
+and the file, so a typo (`learnin_rate`) cannot silently fall back to a default. Fields
+that TRL, PEFT or bitsandbytes already define keep those libraries' names and meaning and
+are passed straight through to them.
+
+Overrides come from the command line as dotted paths: `--set sft.learning_rate=1e-4`.
+Values are parsed as YAML scalars, so `1e-4`, `true`, `null` and `[q_proj, v_proj]` work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be read: unknown key, wrong type, bad override."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what makes a misspelt key an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Section):
+    """Where the training and evaluation data come from."""
+
+    sft_source: str = Field(
+        "builtin:chartqa-synth",
+        description="SFT data: `builtin:chartqa-synth` (offline ChartQA-style charts).",
+    )
+    preference_source: str = Field(
+        "builtin:chart-prefs-synth",
+        description="Preference pairs for DPO: `builtin:chart-prefs-synth` (RLAIF-V columns).",
+    )
+    train_split: str = Field("train", description="Split used for training.")
+    eval_split: str = Field("test", description="Held-out split every model is evaluated on.")
+    max_train_samples: int = Field(1200, ge=1, description="SFT training rows to use.")
+    max_preference_samples: int = Field(600, ge=1, description="DPO training pairs to use.")
+    max_eval_samples: int = Field(150, ge=1, description="Held-out rows (and pairs) to evaluate on.")
+    seed: int = Field(0, description="Seed of the synthetic data generators.")
+    system_message: str = Field(
+        "Answer with a single word or number.",
+        description="System message put in front of every question (SFT, DPO and evaluation).",
+    )
+
+
+class ValidationConfig(_Section):
+    """Great Expectations checks run before any model is loaded."""
+
+    max_failed_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Rows failing a check are quarantined; above this share the run stops.",
+    )
+    max_question_chars: int = Field(512, ge=1)
+    max_answer_chars: int = Field(256, ge=1)
+    min_image_side: int = Field(8, ge=1)
+    max_image_side: int = Field(4096, ge=1)
+
+
+class ModelConfig(_Section):
+    """The base model. Hub id, local path or `builtin:tiny-smolvlm`."""
+
+    name_or_path: str = Field("builtin:tiny-smolvlm", description="Hub id, local path or builtin:tiny-smolvlm.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the weights that are not quantized."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off unless you trust it."
+    )
+
+
+class QuantizationConfig(_Section):
+    """How the base weights are loaded; `bnb_*` fields are BitsAndBytesConfig's own."""
+
+    mode: Literal["none", "8bit", "4bit"] = Field("none", description="none (dtype above), 8bit or 4bit (QLoRA).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class LoraConfig(_Section):
+    """PEFT LoraConfig fields, passed through unchanged."""
+
+    r: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="`all-linear` or a list of module names.")
+    use_dora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+
+
+class TrainerConfig(_Section):
+    """transformers TrainingArguments fields shared by SFT and DPO, passed through unchanged."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means use num_train_epochs.")
+    num_train_epochs: float = Field(1.0, gt=0)
+    # effective batch = per_device_train_batch_size x gradient_accumulation_steps x processes
+    per_device_train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("adamw_torch", description="Any transformers optimizer name, e.g. paged_adamw_8bit.")
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+
+
+class SFTConfig(TrainerConfig):
+    """TRL SFTConfig fields. The loss always falls on the answer only (completion_only_loss)."""
+
+    max_length: int | None = Field(
+        None, description="Token limit; None never truncates (truncation could cut image tokens)."
+    )
+
+
+class DPOConfig(TrainerConfig):
+    """TRL DPOConfig fields. DPO starts from the SFT adapter, whose policy is the reference."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (SFT) policy.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    max_length: int | None = None
+
+
+class EvaluationConfig(_Section):
+    """How base, SFT and DPO models are evaluated on the held-out split."""
+
+    max_new_tokens: int = Field(8, ge=1, description="Greedy decoding, this many new tokens at most.")
+    batch_size: int = Field(32, ge=1, description="Samples per `generate` call (left padding).")
+    relaxed_tolerance: float = Field(0.05, ge=0, description="ChartQA relaxed accuracy: numeric answers within 5%.")
+
+
+class RegistryConfig(_Section):
+    """Where MLflow records the run and registers the adapter."""
+
+    experiment_name: str = "vlmops"
+    registered_model_name: str = Field("vlmops-adapter", description="Registered model that receives the adapter.")
+    candidate_alias: str = Field("candidate", description="Alias every new version gets.")
+
+
+class Recipe(_Section):
+    """A whole fine-tuning run: data, checks, model, quantization, LoRA, SFT, DPO, evaluation, registry."""
+
+    name: str = Field("demo", description="Short name of the recipe, used in run names.")
+    output_dir: str = Field("runs", description="Where run outputs (datasets, adapters, reports) are written.")
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    model: ModelConfig = ModelConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    lora: LoraConfig = LoraConfig()
+    sft: SFTConfig = SFTConfig()
+    dpo: DPOConfig = DPOConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `dotted.key=value` override applied.
+
+    Raises ConfigError for an override without `=`. Unknown keys are caught later by
+    validation, which names them.
+    """
+    merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not KEY=VALUE (e.g. --set sft.learning_rate=1e-4)")
+        node = merged
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return merged
+
+
+def _describe_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}' (check its spelling; see tasks/config.py for the fields)")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe held in a dict. Raises ConfigError naming `source` and each bad key."""
+    merged = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe_errors(error, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe and apply `--set` overrides.
+
+    Raises ConfigError when the file is missing, is not a mapping, or holds an unknown or
+    invalid key; the message names the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return recipe_from_dict(raw, source=str(path), overrides=overrides)

@@ -1,0 +1,127 @@
+"""Training: SFT with a LoRA adapter (TRL SFTTrainer), then DPO on top of it (TRL DPOTrainer).
+
+Both functions load the base model themselves and hand back a folder, never a live model,
+so that Prefect tasks pass references between them.
+
+- SFT trains on conversational prompt + completion samples with `completion_only_loss`, so
+  the loss covers the answer tokens and the end-of-turn token only. TRL's own vision
+  collator does the masking; none is written here.
+- DPO loads the SFT adapter as the trainable policy and passes no `ref_model`: TRL then
+  copies that adapter into a frozen "ref" adapter, so the reference policy is the SFT model
+  (not the raw base, which is what a plain model plus `peft_config` would give).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import peft
+import trl
+
+from tasks.config import Recipe, TrainerConfig
+from tasks.models import load_model, load_processor
+
+logger = logging.getLogger(__name__)
+
+
+def _trainer_fields(settings: TrainerConfig) -> dict:
+    # The recipe's trainer sections hold TrainingArguments names only, so they pass through as they are.
+    return settings.model_dump()
+
+
+def lora_config(recipe: Recipe) -> peft.LoraConfig:
+    """PEFT LoraConfig from the recipe's `lora` section."""
+    return peft.LoraConfig(task_type="CAUSAL_LM", **recipe.lora.model_dump())
+
+
+def sft_arguments(recipe: Recipe, output_dir: Path, report_to: list[str]) -> trl.SFTConfig:
+    return trl.SFTConfig(
+        output_dir=str(output_dir),
+        completion_only_loss=True,
+        # Checkpoints arrive with resumable training; the adapter is saved explicitly at the end.
+        save_strategy="no",
+        report_to=report_to,
+        use_cpu=not _cuda_available(),
+        dataloader_num_workers=0,
+        **_trainer_fields(recipe.sft),
+    )
+
+
+def dpo_arguments(recipe: Recipe, output_dir: Path, report_to: list[str]) -> trl.DPOConfig:
+    return trl.DPOConfig(
+        output_dir=str(output_dir),
+        save_strategy="no",
+        report_to=report_to,
+        use_cpu=not _cuda_available(),
+        dataloader_num_workers=0,
+        **_trainer_fields(recipe.dpo),
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prepare_for_kbit(model, recipe: Recipe):
+    if recipe.quantization.mode == "none":
+        return model
+    return peft.prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=recipe.sft.gradient_checkpointing
+    )
+
+
+def train_sft(recipe: Recipe, train_path: Path, output_dir: Path, report_to: list[str] | None = None) -> Path:
+    """Train a LoRA adapter with SFT on the formatted dataset at `train_path`.
+
+    Returns the adapter folder (adapter_config.json, adapter_model.safetensors, processor).
+    """
+    processor = load_processor(recipe.model)
+    model = _prepare_for_kbit(load_model(recipe.model, recipe.quantization), recipe)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=sft_arguments(recipe, output_dir / "trainer", report_to or ["none"]),
+        train_dataset=datasets.load_from_disk(str(train_path)),
+        processing_class=processor,
+        peft_config=lora_config(recipe),
+    )
+    result = trainer.train()
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    processor.save_pretrained(str(adapter_dir))
+    logger.info("SFT done: %d steps, train loss %.4f -> %s", result.global_step, result.training_loss, adapter_dir)
+    return adapter_dir
+
+
+def train_dpo(
+    recipe: Recipe,
+    sft_adapter_dir: Path,
+    preference_path: Path,
+    output_dir: Path,
+    report_to: list[str] | None = None,
+) -> Path:
+    """Continue the SFT adapter with DPO on the formatted preference pairs at `preference_path`.
+
+    The SFT adapter is the starting point and, copied by TRL into a frozen "ref" adapter,
+    the reference policy. Returns the DPO adapter folder.
+    """
+    processor = load_processor(recipe.model)
+    base = _prepare_for_kbit(load_model(recipe.model, recipe.quantization), recipe)
+    policy = peft.PeftModel.from_pretrained(base, str(sft_adapter_dir), is_trainable=True)
+    trainer = trl.DPOTrainer(
+        model=policy,
+        ref_model=None,
+        args=dpo_arguments(recipe, output_dir / "trainer", report_to or ["none"]),
+        train_dataset=datasets.load_from_disk(str(preference_path)),
+        processing_class=processor,
+    )
+    result = trainer.train()
+    adapter_dir = output_dir / "adapter"
+    # Only the trained policy: the frozen "ref" copy is the SFT adapter, already saved.
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    processor.save_pretrained(str(adapter_dir))
+    logger.info("DPO done: %d steps, train loss %.4f -> %s", result.global_step, result.training_loss, adapter_dir)
+    return adapter_dir
