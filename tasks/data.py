@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks import synthetic
+from tasks.config import DataConfig
 
 CHARTQA_SYNTH = "builtin:chartqa-synth"
 CHART_PREFS_SYNTH = "builtin:chart-prefs-synth"
@@ -75,3 +76,19 @@ def load_sft_rows(source: str, split: str, limit: int, seed: int = 0) -> list[di
 def load_preference_rows(source: str, split: str, limit: int, seed: int = 0) -> list[dict[str, Any]]:
     """Load up to `limit` preference pairs of `split` in the internal schema. Raises DataSourceError."""
     return _map_columns(_load_source_rows(source, split, limit, seed), PREFERENCE_COLUMNS, source, split)
+
+
+def load_recipe_datasets(data: DataConfig) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Every dataset a run uses, by name: {"sft/train": ("sft", rows), "preference/test": ("preference", rows), ...}."""
+    return {
+        f"sft/{data.train_split}": (
+            "sft", load_sft_rows(data.sft_source, data.train_split, data.max_train_samples, data.seed)),
+        f"sft/{data.eval_split}": (
+            "sft", load_sft_rows(data.sft_source, data.eval_split, data.max_eval_samples, data.seed)),
+        f"preference/{data.train_split}": (
+            "preference",
+            load_preference_rows(data.preference_source, data.train_split, data.max_preference_samples, data.seed)),
+        f"preference/{data.eval_split}": (
+            "preference",
+            load_preference_rows(data.preference_source, data.eval_split, data.max_eval_samples, data.seed)),
+    }

@@ -1,0 +1,60 @@
+"""The fine-tuning flow: the whole chain, from raw data to a registered candidate adapter.
+
+Stages:
+1. start the MLflow parent run (the recipe, flattened, as parameters);
+2. validate every dataset with Great Expectations; stop before any model loads if it fails;
+3. format SFT (prompt + completion) and preference (prompt, chosen, rejected) samples;
+4. prepare the base model (the offline tiny SmolVLM is built once and cached);
+5. SFT with a LoRA adapter on the base loaded as the recipe asks (bf16 / 8-bit / 4-bit);
+6. DPO from the SFT adapter, the SFT policy as reference;
+7. evaluate base, SFT and DPO on the same held-out split;
+8. register the DPO adapter as a new model version with the alias `candidate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+
+from tasks import stages
+from tasks.config import Recipe
+from tasks.tracking import tracking_uri
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, dict[str, float]]
+    registered: stages.RegisteredAdapter
+    run_dir: str
+
+
+@flow(name="finetune", flow_run_name="finetune {recipe.name}", log_prints=True)
+def finetune(recipe: Recipe) -> FinetuneResult:
+    """Validate, format, SFT, DPO, evaluate, register: see the module docstring."""
+    run_dir = Path(recipe.output_dir) / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{recipe.name}"
+    parent_run_id = stages.start_tracking_run(recipe)
+
+    # data: nothing is trained on rows that failed the checks
+    quarantined = stages.validate_dataset(recipe, run_dir, parent_run_id)
+    formatted = stages.format_dataset(recipe, run_dir, quarantined)
+
+    # training: SFT adapter first, DPO continues it
+    stages.prepare_base_model(recipe)
+    sft_adapter = stages.train_sft_adapter(recipe, formatted.sft_train, run_dir, parent_run_id)
+    dpo_adapter = stages.train_dpo_adapter(recipe, sft_adapter, formatted.preference_train, run_dir, parent_run_id)
+
+    # evaluation: the same held-out data and decoding for all three models
+    metrics = {
+        label: stages.evaluate_model(recipe, label, adapter, formatted, run_dir, parent_run_id)
+        for label, adapter in (("base", None), ("sft", sft_adapter), ("dpo", dpo_adapter))
+    }
+
+    # registry: the new adapter becomes a candidate; promotion is a separate, gated step
+    registered = stages.register_adapter(recipe, parent_run_id, dpo_adapter, metrics)
+    stages.finish_tracking_run(parent_run_id)
+    return FinetuneResult(parent_run_id, tracking_uri(), metrics, registered, str(run_dir))

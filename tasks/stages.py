@@ -1,0 +1,166 @@
+"""The pipeline's Prefect tasks: one unit of work each, policy in the decorator.
+
+Each task is a thin shell over plain functions in the sibling modules (which tests call
+without Prefect). Tasks hand each other references only: folders, MLflow run ids,
+registered versions. A live model never crosses a task boundary.
+
+Caching is off for now (`NO_CACHE`): fingerprint-keyed caching arrives with the
+orchestration work, and a cache keyed on anything less would reuse stale adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks import data, evaluation, formatting, tracking, training
+from tasks.config import Recipe
+from tasks.models import resolve_model_path
+from tasks.tiny_model import TINY_SMOLVLM
+from tasks.validation import ValidationReport, ValidationSettings, raise_if_failed, validate_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FormattedData:
+    """Folders of the formatted datasets (datasets.save_to_disk) a run trains and evaluates on."""
+
+    sft_train: str
+    sft_eval: str
+    preference_train: str
+    preference_eval: str
+
+
+@dataclass(frozen=True)
+class RegisteredAdapter:
+    name: str
+    version: str
+    alias: str
+
+
+@task(name="start-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def start_tracking_run(recipe: Recipe) -> str:
+    """Create the MLflow parent run holding the recipe; returns its id."""
+    tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
+    return tracking.start_pipeline_run(recipe, tags)
+
+
+def run_data_checks(recipe: Recipe, out_dir: Path) -> list[ValidationReport]:
+    """Load every dataset of the recipe and run its GX suite; one report each. Raises nothing on bad data."""
+    settings = ValidationSettings(**recipe.validation.model_dump())
+    reports = []
+    for name, (kind, rows) in data.load_recipe_datasets(recipe.data).items():
+        _kept, report = validate_rows(rows, kind=kind, dataset=name, settings=settings, out_dir=out_dir)
+        logger.info(report.summary())
+        reports.append(report)
+    return reports
+
+
+@task(name="check-data", task_run_name="check data {recipe.name}", cache_policy=NO_CACHE)
+def check_data(recipe: Recipe, out_dir: Path) -> list[ValidationReport]:
+    """The data checks alone (for `vlmops validate`): reports, no tracking, no exception."""
+    return run_data_checks(recipe, out_dir)
+
+
+@task(name="validate-dataset", task_run_name="validate {recipe.name}", cache_policy=NO_CACHE)
+def validate_dataset(recipe: Recipe, run_dir: Path, parent_run_id: str) -> dict[str, list[str]]:
+    """Run the GX suites on every dataset of the run; quarantine failing rows.
+
+    Returns the quarantined row ids by dataset name. Raises DataValidationError, with a
+    report naming checks, counts and the quarantine file, when a dataset fails more rows
+    than `validation.max_failed_fraction` allows: the run stops before any model loads.
+    """
+    reports = run_data_checks(recipe, run_dir / "validation")
+    artifacts = [path for r in reports for path in (r.gx_result_path, r.quarantine_path, r.data_docs_path)]
+    metrics = {f"{r.dataset.replace('/', '.')}.failed_rows": float(r.n_failed_rows) for r in reports}
+    tracking.log_stage_artifacts(parent_run_id, "validate", artifacts, metrics)
+    raise_if_failed(reports)
+    return {r.dataset: _quarantined_ids(r) for r in reports}
+
+
+def _quarantined_ids(report) -> list[str]:
+    return sorted({row_id for check in report.failed_checks for row_id in check.unexpected_row_ids if row_id})
+
+
+@task(name="format-dataset", task_run_name="format {recipe.name}", cache_policy=NO_CACHE)
+def format_dataset(recipe: Recipe, run_dir: Path, quarantined: dict[str, list[str]]) -> FormattedData:
+    """Drop quarantined rows and write chat-formatted SFT and preference datasets; returns their folders."""
+    folders = {}
+    system_message = recipe.data.system_message
+    for name, (kind, rows) in data.load_recipe_datasets(recipe.data).items():
+        dropped = set(quarantined.get(name, []))
+        kept = [row for row in rows if row["row_id"] not in dropped]
+        path = run_dir / "data" / name.replace("/", "_")
+        save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
+        folders[name] = str(save(kept, system_message, path))
+    split_train, split_eval = recipe.data.train_split, recipe.data.eval_split
+    return FormattedData(
+        sft_train=folders[f"sft/{split_train}"],
+        sft_eval=folders[f"sft/{split_eval}"],
+        preference_train=folders[f"preference/{split_train}"],
+        preference_eval=folders[f"preference/{split_eval}"],
+    )
+
+
+@task(name="prepare-base-model", task_run_name="prepare {recipe.model.name_or_path}", cache_policy=NO_CACHE)
+def prepare_base_model(recipe: Recipe) -> str:
+    """Resolve the base model to a loadable path; builds (once, then cached) the offline tiny SmolVLM."""
+    return resolve_model_path(recipe.model.name_or_path)
+
+
+@task(name="train-sft", task_run_name="sft {recipe.name} r{recipe.lora.r}", cache_policy=NO_CACHE, tags=["gpu"])
+def train_sft_adapter(recipe: Recipe, train_path: str, run_dir: Path, parent_run_id: str) -> str:
+    """SFT with a LoRA adapter; the trainer's curves go to a nested `sft` MLflow run. Returns the adapter folder."""
+    with tracking.stage_run(parent_run_id, "sft"):
+        return str(training.train_sft(recipe, Path(train_path), run_dir / "sft", report_to=["mlflow"]))
+
+
+@task(name="train-dpo", task_run_name="dpo {recipe.name} beta{recipe.dpo.beta}", cache_policy=NO_CACHE, tags=["gpu"])
+def train_dpo_adapter(recipe: Recipe, sft_adapter: str, preference_path: str, run_dir: Path, parent_run_id: str) -> str:
+    """DPO from the SFT adapter (the SFT policy is the reference); curves go to a nested `dpo` run."""
+    with tracking.stage_run(parent_run_id, "dpo"):
+        return str(training.train_dpo(recipe, Path(sft_adapter), Path(preference_path), run_dir / "dpo", ["mlflow"]))
+
+
+@task(name="evaluate-model", task_run_name="evaluate {label}", cache_policy=NO_CACHE)
+def evaluate_model(
+    recipe: Recipe, label: str, adapter_dir: str | None, formatted: FormattedData, run_dir: Path, parent_run_id: str
+) -> dict[str, float]:
+    """Evaluate one model (the base when `adapter_dir` is None) on the held-out split; returns its metrics."""
+    import json
+
+    metrics, predictions = evaluation.evaluate_model(recipe, adapter_dir, formatted.sft_eval, formatted.preference_eval)
+    predictions_path = run_dir / "evaluation" / f"{label}_predictions.json"
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    predictions_path.write_text(json.dumps(predictions, indent=1))
+    tracking.log_stage_artifacts(parent_run_id, f"evaluate {label}", [predictions_path], metrics)
+    return metrics
+
+
+@task(name="register-adapter", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_adapter(
+    recipe: Recipe, parent_run_id: str, adapter_dir: str, metrics_by_model: dict[str, dict[str, float]]
+) -> RegisteredAdapter:
+    """Log all models' metrics, register the adapter as a new version, alias it `candidate`."""
+    tracking.log_comparison(parent_run_id, metrics_by_model)
+    base_model_dir = resolve_model_path(TINY_SMOLVLM) if recipe.model.name_or_path == TINY_SMOLVLM else None
+    version_tags = {
+        "vlmops.run_id": parent_run_id,
+        "vlmops.base_model": recipe.model.name_or_path,
+        **{f"metric.{name}": f"{value:.4f}" for name, value in metrics_by_model["dpo"].items()},
+    }
+    name, version = tracking.register_adapter(
+        parent_run_id, recipe, Path(adapter_dir), Path(base_model_dir) if base_model_dir else None, version_tags
+    )
+    return RegisteredAdapter(name=name, version=version, alias=recipe.registry.candidate_alias)
+
+
+@task(name="finish-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def finish_tracking_run(parent_run_id: str) -> None:
+    tracking.end_pipeline_run(parent_run_id)

@@ -1,0 +1,155 @@
+"""MLflow: one parent run per pipeline run, a nested run per stage, the adapter in the registry.
+
+The tracking target comes from `MLFLOW_TRACKING_URI`; unset, it is a local SQLite
+database (`./mlflow.db`) with artifacts in `./mlartifacts`, MLflow 3's own default.
+
+Tasks may run on different threads, so nothing here relies on MLflow's "active run"
+crossing task boundaries: the parent run is created by id and every stage opens its own
+nested run under that id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from tasks.config import Recipe
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SERVING_MODULE = Path(__file__).with_name("serving.py")
+# Loaded by the pyfunc model on the serving side; pinned like the project itself.
+SERVING_REQUIREMENTS = [
+    "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "bitsandbytes==0.50.2",
+    "accelerate==1.15.0", "pillow", "pandas", "mlflow==3.17.2",
+]
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"sft": {"learning_rate": 1e-4}} -> {"sft.learning_rate": 1e-4}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def start_pipeline_run(recipe: Recipe, tags: dict[str, str] | None = None) -> str:
+    """Create the parent run, log the whole recipe (flattened params + YAML); returns its id."""
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.set_experiment(recipe.registry.experiment_name)
+    client = MlflowClient()
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=f"finetune {recipe.name}",
+        tags={"vlmops.base_model": recipe.model.name_or_path, **(tags or {})},
+    )
+    run_id = run.info.run_id
+    recipe_dict = recipe.model_dump(mode="json")
+    params = [mlflow.entities.Param(key, str(value)) for key, value in flatten(recipe_dict).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start : start + 100])
+    client.log_text(run_id, yaml.safe_dump(recipe_dict, sort_keys=False), "recipe.yaml")
+    return run_id
+
+
+@contextlib.contextmanager
+def stage_run(parent_run_id: str, stage: str) -> Iterator[mlflow.ActiveRun]:
+    """A nested run for one stage, active for the duration of the block (trainer callbacks log into it)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    parent = MlflowClient().get_run(parent_run_id)
+    with mlflow.start_run(
+        experiment_id=parent.info.experiment_id,
+        run_name=stage,
+        parent_run_id=parent_run_id,
+        nested=True,
+        tags={"vlmops.stage": stage},
+    ) as run:
+        yield run
+
+
+def log_stage_artifacts(parent_run_id: str, stage: str, paths: list[Path], metrics: dict[str, float]) -> None:
+    """Log files and metrics of a stage that ran without a trainer (validation, evaluation)."""
+    with stage_run(parent_run_id, stage):
+        for path in paths:
+            if path is not None and Path(path).exists():
+                mlflow.log_artifact(str(path))
+        if metrics:
+            mlflow.log_metrics(metrics)
+
+
+def log_comparison(parent_run_id: str, metrics_by_model: dict[str, dict[str, float]]) -> None:
+    """Log every model's metrics on the parent run as `<model>.<metric>` (base.relaxed_accuracy, ...)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    for model, metrics in metrics_by_model.items():
+        for name, value in metrics.items():
+            client.log_metric(parent_run_id, f"{model}.{name}", value)
+
+
+def register_adapter(
+    parent_run_id: str,
+    recipe: Recipe,
+    adapter_dir: Path,
+    base_model_dir: Path | None,
+    version_tags: dict[str, str],
+) -> tuple[str, str]:
+    """Log the adapter as a pyfunc model (models from code), register it, alias it `candidate`.
+
+    The model loads base + adapter + processor and answers image questions (tasks/serving.py).
+    For a builtin base the base folder travels with the model, so it loads anywhere; a hub
+    base is named in the model config and fetched where the model is loaded.
+    Returns (registered model name, version).
+    """
+    mlflow.set_tracking_uri(tracking_uri())
+    artifacts = {"adapter": str(adapter_dir)}
+    if base_model_dir is not None:
+        artifacts["base_model"] = str(base_model_dir)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string")]),
+    )
+    name = recipe.registry.registered_model_name
+    with mlflow.start_run(run_id=parent_run_id):
+        info = mlflow.pyfunc.log_model(
+            name="adapter",
+            python_model=str(SERVING_MODULE),
+            artifacts=artifacts,
+            model_config={
+                "base_model": recipe.model.name_or_path,
+                "revision": recipe.model.revision,
+                "dtype": recipe.model.dtype,
+                "quantization": recipe.quantization.model_dump(),
+                "system_message": recipe.data.system_message,
+                "max_new_tokens": recipe.evaluation.max_new_tokens,
+                "trust_remote_code": recipe.model.trust_remote_code,
+            },
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=SERVING_REQUIREMENTS,
+            signature=signature,
+        )
+    version = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, recipe.registry.candidate_alias, version.version)
+    client.set_tag(parent_run_id, "vlmops.registered_version", f"{name}/{version.version}")
+    return name, str(version.version)
+
+
+def end_pipeline_run(parent_run_id: str, status: str = "FINISHED") -> None:
+    mlflow.set_tracking_uri(tracking_uri())
+    MlflowClient().set_terminated(parent_run_id, status=status)
