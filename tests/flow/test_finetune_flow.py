@@ -1,0 +1,97 @@
+"""The demo recipe end to end under Prefect, recorded in a real (SQLite) MLflow store."""
+
+import base64
+import io
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import format_summary
+from flows.finetune import finetune
+from tasks import synthetic
+from tasks.config import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = ("base", "sft", "dpo")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, prefect_harness, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    patch = pytest.MonkeyPatch()
+    patch.chdir(tmp)
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    recipe = load_recipe(REPO / "configs" / "demo.yaml", [f"output_dir={tmp / 'runs'}"])
+    result = finetune(recipe)
+    yield recipe, result, tmp
+    patch.undo()
+
+
+def test_new_version_is_registered_with_candidate_alias(demo_run):
+    recipe, result, _tmp = demo_run
+    client = MlflowClient(result.tracking_uri)
+    version = client.get_model_version_by_alias(recipe.registry.registered_model_name, "candidate")
+    assert version.version == result.registered.version
+    assert version.run_id == result.run_id
+    assert version.tags["vlmops.base_model"] == "builtin:tiny-smolvlm"
+
+
+def test_adapter_can_be_downloaded_from_the_registry(demo_run):
+    recipe, result, tmp = demo_run
+    mlflow.set_tracking_uri(result.tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{recipe.registry.registered_model_name}@candidate", dst_path=str(tmp / "download")
+    ))
+    adapter = local / "artifacts" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert list(adapter.glob("*.safetensors")), "no adapter weights in the registered model"
+
+
+def test_metrics_exist_for_base_sft_and_dpo(demo_run):
+    _recipe, result, _tmp = demo_run
+    logged = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    for model in MODELS:
+        for metric in ("relaxed_accuracy", "preference_accuracy", "preference_margin"):
+            assert f"{model}.{metric}" in logged
+            assert logged[f"{model}.{metric}"] == pytest.approx(result.metrics[model][metric])
+    # SFT must have taught the base something: the base captions instead of answering.
+    assert result.metrics["sft"]["relaxed_accuracy"] >= result.metrics["base"]["relaxed_accuracy"] + 0.15
+
+
+def test_stages_have_nested_runs_with_training_curves(demo_run):
+    _recipe, result, _tmp = demo_run
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    by_name = {child.info.run_name: child for child in children}
+    assert {"validate", "sft", "dpo", "evaluate base", "evaluate sft", "evaluate dpo"} <= set(by_name)
+    assert len(client.get_metric_history(by_name["sft"].info.run_id, "loss")) >= 5
+    assert len(client.get_metric_history(by_name["dpo"].info.run_id, "loss")) >= 2
+    assert parent.data.params["sft.learning_rate"] == "0.002"
+    assert parent.info.status == "FINISHED"
+
+
+def test_registered_model_answers_an_image_question(demo_run):
+    recipe, result, _tmp = demo_run
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{recipe.registry.registered_model_name}@candidate")
+    buffer = io.BytesIO()
+    synthetic.render_chart(synthetic.ChartSpec(("red", "blue"), (3, 8))).save(buffer, format="PNG")
+    frame = pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()], "question": ["How many bars are there?"]})
+    answers = model.predict(frame)
+    assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
+
+
+def test_summary_names_run_version_alias_and_ui_command(demo_run):
+    recipe, result, _tmp = demo_run
+    summary = format_summary(result)
+    assert result.run_id in summary
+    assert f"{recipe.registry.registered_model_name} version {result.registered.version}" in summary
+    assert "'candidate'" in summary and "mlflow ui --backend-store-uri" in summary
+    for model in MODELS:
+        assert model in summary

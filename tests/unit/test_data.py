@@ -1,0 +1,287 @@
+"""Tests for tasks.data: builtin and hub sources mapped onto the internal row schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tasks.config import DataConfig
+from tasks.data import (
+    CHART_PREFS_SYNTH,
+    CHARTQA_SYNTH,
+    DataSourceError,
+    load_preference_rows,
+    load_recipe_datasets,
+    load_sft_rows,
+)
+from tasks.synthetic import make_chart_prefs_split, make_chartqa_split
+
+SFT_KEYS = {"row_id", "image", "question", "answer"}
+PREFERENCE_KEYS = {"row_id", "image", "question", "chosen", "rejected"}
+
+
+def image_bytes(image: Image.Image) -> bytes:
+    return image.convert("RGB").tobytes()
+
+
+# --- builtin sources -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_builtin_sft_rows_map_to_internal_schema(split: str):
+    n, seed = 6, 3
+    rows = load_sft_rows(CHARTQA_SYNTH, split, n, seed=seed)
+    source = make_chartqa_split(split, n, seed=seed)
+    assert len(rows) == n
+    for row, src in zip(rows, source, strict=True):
+        assert set(row) == SFT_KEYS
+        assert isinstance(row["answer"], str)
+        assert row["answer"] == src["label"][0]
+        assert row["question"] == src["query"]
+        assert isinstance(row["image"], Image.Image)
+        assert image_bytes(row["image"]) == image_bytes(src["image"])
+    assert len({row["row_id"] for row in rows}) == n
+
+
+def test_builtin_sft_rows_follow_seed():
+    a = load_sft_rows(CHARTQA_SYNTH, "train", 6, seed=0)
+    b = load_sft_rows(CHARTQA_SYNTH, "train", 6, seed=1)
+    assert [(r["question"], r["answer"], image_bytes(r["image"])) for r in a] != [
+        (r["question"], r["answer"], image_bytes(r["image"])) for r in b
+    ]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_builtin_preference_rows_map_to_internal_schema(split: str):
+    n, seed = 6, 2
+    rows = load_preference_rows(CHART_PREFS_SYNTH, split, n, seed=seed)
+    source = make_chart_prefs_split(split, n, seed=seed)
+    assert len(rows) == n
+    for row, src in zip(rows, source, strict=True):
+        assert set(row) == PREFERENCE_KEYS
+        for key in ("question", "chosen", "rejected"):
+            assert row[key] == src[key]
+        assert row["chosen"] != row["rejected"]
+        assert image_bytes(row["image"]) == image_bytes(src["image"])
+    assert len({row["row_id"] for row in rows}) == n
+
+
+@pytest.mark.parametrize("loader", [load_sft_rows, load_preference_rows])
+def test_unknown_builtin_names_the_allowed_ones(loader):
+    with pytest.raises(DataSourceError) as info:
+        loader("builtin:chartqa-synthh", "train", 2)
+    message = str(info.value)
+    assert "builtin:chartqa-synthh" in message
+    assert CHARTQA_SYNTH in message
+    assert CHART_PREFS_SYNTH in message
+
+
+def test_preference_loader_rejects_sft_source():
+    # ChartQA-style rows have no chosen/rejected: the mapping must say so, not pass them on.
+    with pytest.raises(DataSourceError, match=r"chosen.*rejected"):
+        load_preference_rows(CHARTQA_SYNTH, "train", 2)
+
+
+# --- hub-style sources (datasets.load_dataset), offline --------------------------------
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """No hub access, and a datasets cache under tmp_path instead of the user's."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return datasets
+
+
+def _colour_image(i: int) -> Image.Image:
+    return Image.new("RGB", (16, 12), (40 * i % 256, 200, 30))
+
+
+def write_hub_folder(datasets, folder: Path, columns: dict[str, list[Any]], features=None) -> Path:
+    """A local dataset in the hub's layout: data/<split>-00000-of-00001.parquet."""
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        ds = datasets.Dataset.from_dict(columns, features=features)
+        ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def chartqa_folder(datasets, folder: Path) -> Path:
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "query": datasets.Value("string"),
+            "label": datasets.Sequence(datasets.Value("string")),
+            "human_or_machine": datasets.ClassLabel(names=["human", "machine"]),
+        }
+    )
+    columns = {
+        "image": [_colour_image(i) for i in range(4)],
+        "query": [f"What is bar {i}?" for i in range(4)],
+        "label": [["7", "seven"], ["12"], ["blue", "Blue"], ["3"]],
+        "human_or_machine": [0, 1, 1, 0],
+    }
+    return write_hub_folder(datasets, folder, columns, features)
+
+
+def test_hub_sft_rows_are_mapped(offline, tmp_path: Path):
+    folder = chartqa_folder(offline, tmp_path / "chartqa")
+    rows = load_sft_rows(str(folder), "train", 2)
+    assert len(rows) == 2  # the limit is respected
+    for row in rows:
+        assert set(row) == SFT_KEYS
+        assert isinstance(row["image"], Image.Image)
+        assert row["image"].size == (16, 12)
+    assert [row["question"] for row in rows] == ["What is bar 0?", "What is bar 1?"]
+    # ChartQA's `label` list: the first accepted answer becomes `answer`, as a str.
+    assert [row["answer"] for row in rows] == ["7", "12"]
+    assert len({row["row_id"] for row in rows}) == 2
+
+    test_rows = load_sft_rows(str(folder), "test", 3)
+    assert [row["answer"] for row in test_rows] == ["7", "12", "blue"]
+
+
+def test_hub_preference_rows_are_mapped(offline, tmp_path: Path):
+    # RLAIF-V's own bookkeeping columns (ds_name, origin_dataset, idx ...) are dropped.
+    columns = {
+        "ds_name": ["x"] * 3,
+        "image": [_colour_image(i) for i in range(3)],
+        "question": ["q0", "q1", "q2"],
+        "chosen": ["c0", "c1", "c2"],
+        "rejected": ["r0", "r1", "r2"],
+        "origin_dataset": ["y"] * 3,
+        "idx": [0, 1, 2],
+    }
+    features = offline.Features(
+        {
+            "ds_name": offline.Value("string"),
+            "image": offline.Image(),
+            "question": offline.Value("string"),
+            "chosen": offline.Value("string"),
+            "rejected": offline.Value("string"),
+            "origin_dataset": offline.Value("string"),
+            "idx": offline.Value("int64"),
+        }
+    )
+    folder = write_hub_folder(offline, tmp_path / "rlaifv", columns, features)
+    rows = load_preference_rows(str(folder), "train", 2)
+    assert len(rows) == 2
+    for i, row in enumerate(rows):
+        assert set(row) == PREFERENCE_KEYS
+        assert (row["question"], row["chosen"], row["rejected"]) == (f"q{i}", f"c{i}", f"r{i}")
+        assert isinstance(row["image"], Image.Image)
+
+
+def test_hub_source_missing_column_is_reported(offline, tmp_path: Path):
+    columns = {"image": [_colour_image(i) for i in range(2)], "query": ["q0", "q1"]}
+    features = offline.Features({"image": offline.Image(), "query": offline.Value("string")})
+    folder = write_hub_folder(offline, tmp_path / "nolabel", columns, features)
+    with pytest.raises(DataSourceError) as info:
+        load_sft_rows(str(folder), "train", 2)
+    message = str(info.value)
+    assert str(folder) in message
+    assert "row 0" in message
+    assert "'answer'" in message
+    assert "Rename the columns" in message and "'label'" in message
+
+
+# --- mapping rules, with datasets.load_dataset stubbed ----------------------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch):
+    """Replace datasets.load_dataset with a stub serving `rows`; records the calls."""
+    import datasets
+
+    state: dict[str, Any] = {"rows": [], "calls": []}
+
+    def fake_load_dataset(source, split=None, **kwargs):
+        state["calls"].append((source, split, kwargs))
+        return list(state["rows"])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return state
+
+
+def test_hub_loader_asks_for_a_sliced_split(fake_hub):
+    fake_hub["rows"] = [{"image": _colour_image(0), "query": "q", "label": ["a"]}]
+    load_sft_rows("someone/chartqa", "validation", 17)
+    assert fake_hub["calls"] == [("someone/chartqa", "validation[:17]", {})]
+
+
+def test_missing_column_names_row_index_column_and_fix(fake_hub):
+    good = {"image": _colour_image(0), "query": "q", "label": ["a"]}
+    fake_hub["rows"] = [good, good, {"image": _colour_image(1), "label": ["b"]}]
+    with pytest.raises(DataSourceError) as info:
+        load_sft_rows("someone/chartqa", "train", 3)
+    message = str(info.value)
+    assert "someone/chartqa" in message
+    assert "row 2" in message
+    assert "['question']" in message  # the missing internal column
+    assert "Rename the columns" in message
+    assert "'query'" in message  # an accepted source name for it
+
+
+def test_missing_preference_column_is_reported(fake_hub):
+    fake_hub["rows"] = [{"image": _colour_image(0), "question": "q", "chosen": "c"}]
+    with pytest.raises(DataSourceError, match=r"row 0: missing column\(s\) \['rejected'\]"):
+        load_preference_rows("someone/prefs", "train", 1)
+
+
+def test_answer_column_and_label_edge_cases(fake_hub):
+    fake_hub["rows"] = [
+        {"image": _colour_image(0), "question": "q0", "answer": "plain"},  # VQA-style columns
+        {"image": _colour_image(1), "query": "q1", "label": [42, 7]},  # non-str first answer
+        {"image": _colour_image(2), "query": "q2", "label": []},  # no accepted answer
+    ]
+    rows = load_sft_rows("someone/vqa", "train", 3)
+    assert [row["answer"] for row in rows] == ["plain", "42", ""]
+    assert [row["question"] for row in rows] == ["q0", "q1", "q2"]
+    assert all(set(row) == SFT_KEYS for row in rows)
+
+
+# --- every dataset a recipe uses --------------------------------------------------------
+
+
+def test_load_recipe_datasets_names_kinds_and_sizes():
+    cfg = DataConfig(max_train_samples=5, max_preference_samples=4, max_eval_samples=3)
+    loaded = load_recipe_datasets(cfg)
+    expected = {
+        "sft/train": ("sft", 5, SFT_KEYS),
+        "sft/test": ("sft", 3, SFT_KEYS),
+        "preference/train": ("preference", 4, PREFERENCE_KEYS),
+        "preference/test": ("preference", 3, PREFERENCE_KEYS),
+    }
+    assert set(loaded) == set(expected)
+    for name, (kind, size, keys) in expected.items():
+        got_kind, rows = loaded[name]
+        assert got_kind == kind, name
+        assert len(rows) == size, name
+        assert all(set(row) == keys for row in rows), name
+    # Train and held-out splits are different rows.
+    train_q = {(r["question"], image_bytes(r["image"])) for r in loaded["sft/train"][1]}
+    test_q = {(r["question"], image_bytes(r["image"])) for r in loaded["sft/test"][1]}
+    assert not train_q & test_q
+
+
+def test_load_recipe_datasets_follows_split_names_and_seed():
+    cfg = DataConfig(
+        eval_split="validation", max_train_samples=2, max_preference_samples=2, max_eval_samples=2, seed=5
+    )
+    loaded = load_recipe_datasets(cfg)
+    assert set(loaded) == {"sft/train", "sft/validation", "preference/train", "preference/validation"}
+    expected = make_chartqa_split("validation", 2, seed=5)
+    assert [r["answer"] for r in loaded["sft/validation"][1]] == [s["label"][0] for s in expected]
+    assert [r["question"] for r in loaded["sft/validation"][1]] == [s["query"] for s in expected]
+
+    for name, split in (("preference/train", "train"), ("preference/validation", "validation")):
+        expected_prefs = make_chart_prefs_split(split, 2, seed=5)
+        got = [(r["question"], r["chosen"], r["rejected"]) for r in loaded[name][1]]
+        assert got == [(s["question"], s["chosen"], s["rejected"]) for s in expected_prefs], name
