@@ -39,22 +39,27 @@ def finetune(recipe: Recipe) -> FinetuneResult:
     run_dir = Path(recipe.output_dir) / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{recipe.name}"
     parent_run_id = stages.start_tracking_run(recipe)
 
-    # data: nothing is trained on rows that failed the checks
-    quarantined = stages.validate_dataset(recipe, run_dir, parent_run_id)
-    formatted = stages.format_dataset(recipe, run_dir, quarantined)
+    try:
+        # data: nothing is trained on rows that failed the checks
+        quarantined = stages.validate_dataset(recipe, run_dir, parent_run_id)
+        formatted = stages.format_dataset(recipe, run_dir, quarantined)
 
-    # training: SFT adapter first, DPO continues it
-    stages.prepare_base_model(recipe)
-    sft_adapter = stages.train_sft_adapter(recipe, formatted.sft_train, run_dir, parent_run_id)
-    dpo_adapter = stages.train_dpo_adapter(recipe, sft_adapter, formatted.preference_train, run_dir, parent_run_id)
+        # training: SFT adapter first, DPO continues it
+        stages.prepare_base_model(recipe)
+        sft_adapter = stages.train_sft_adapter(recipe, formatted.sft_train, run_dir, parent_run_id)
+        dpo_adapter = stages.train_dpo_adapter(recipe, sft_adapter, formatted.preference_train, run_dir, parent_run_id)
 
-    # evaluation: the same held-out data and decoding for all three models
-    metrics = {
-        label: stages.evaluate_model(recipe, label, adapter, formatted, run_dir, parent_run_id)
-        for label, adapter in (("base", None), ("sft", sft_adapter), ("dpo", dpo_adapter))
-    }
+        # evaluation: the same held-out data and decoding for all three models
+        metrics = {
+            label: stages.evaluate_model(recipe, label, adapter, formatted, run_dir, parent_run_id)
+            for label, adapter in (("base", None), ("sft", sft_adapter), ("dpo", dpo_adapter))
+        }
 
-    # registry: the new adapter becomes a candidate; promotion is a separate, gated step
-    registered = stages.register_adapter(recipe, parent_run_id, dpo_adapter, metrics)
-    stages.finish_tracking_run(parent_run_id)
+        # registry: the new adapter becomes a candidate; promotion is a separate, gated step
+        registered = stages.register_adapter(recipe, parent_run_id, dpo_adapter, metrics)
+        stages.finish_tracking_run(parent_run_id)
+    except BaseException:
+        # The MLflow run must not stay RUNNING forever when a stage fails.
+        stages.finish_tracking_run(parent_run_id, status="FAILED")
+        raise
     return FinetuneResult(parent_run_id, tracking_uri(), metrics, registered, str(run_dir))

@@ -10,6 +10,7 @@ orchestration work, and a cache keyed on anything less would reuse stale adapter
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def validate_dataset(recipe: Recipe, run_dir: Path, parent_run_id: str) -> dict[
     return {r.dataset: _quarantined_ids(r) for r in reports}
 
 
-def _quarantined_ids(report) -> list[str]:
+def _quarantined_ids(report: ValidationReport) -> list[str]:
     return sorted({row_id for check in report.failed_checks for row_id in check.unexpected_row_ids if row_id})
 
 
@@ -133,8 +134,6 @@ def evaluate_model(
     recipe: Recipe, label: str, adapter_dir: str | None, formatted: FormattedData, run_dir: Path, parent_run_id: str
 ) -> dict[str, float]:
     """Evaluate one model (the base when `adapter_dir` is None) on the held-out split; returns its metrics."""
-    import json
-
     metrics, predictions = evaluation.evaluate_model(recipe, adapter_dir, formatted.sft_eval, formatted.preference_eval)
     predictions_path = run_dir / "evaluation" / f"{label}_predictions.json"
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,5 +161,6 @@ def register_adapter(
 
 
 @task(name="finish-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def finish_tracking_run(parent_run_id: str) -> None:
-    tracking.end_pipeline_run(parent_run_id)
+def finish_tracking_run(parent_run_id: str, status: str = "FINISHED") -> None:
+    """Close the MLflow parent run as FINISHED or FAILED."""
+    tracking.end_pipeline_run(parent_run_id, status)

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 TINY_SMOLVLM = "builtin:tiny-smolvlm"
 # Bump when anything below changes what is built: the cache folder is named after it.
-BUILD_VERSION = "v1"
+BUILD_VERSION = "v2"
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
@@ -55,8 +55,8 @@ SCALE_FACTOR = 2
 IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
 VOCAB_SIZE = 512
 PRETRAIN_STEPS = 500
-PRETRAIN_BATCH = 16
-PRETRAIN_LR = 3e-3
+PRETRAIN_BATCH = 32
+PRETRAIN_LR = 1e-3
 PRETRAIN_CHARTS = 3000
 CAPTION_PROMPT = "Describe the chart."
 

@@ -74,26 +74,49 @@ def _prepare_for_kbit(model, recipe: Recipe):
     )
 
 
+def build_sft_trainer(recipe: Recipe, train_path: Path, output_dir: Path, report_to: list[str]) -> trl.SFTTrainer:
+    """An SFTTrainer on the quantized base with a fresh LoRA adapter and TRL's vision collator."""
+    model = _prepare_for_kbit(load_model(recipe.model, recipe.quantization), recipe)
+    return trl.SFTTrainer(
+        model=model,
+        args=sft_arguments(recipe, output_dir / "trainer", report_to),
+        train_dataset=datasets.load_from_disk(str(train_path)),
+        processing_class=load_processor(recipe.model),
+        peft_config=lora_config(recipe),
+    )
+
+
 def train_sft(recipe: Recipe, train_path: Path, output_dir: Path, report_to: list[str] | None = None) -> Path:
     """Train a LoRA adapter with SFT on the formatted dataset at `train_path`.
 
     Returns the adapter folder (adapter_config.json, adapter_model.safetensors, processor).
     """
-    processor = load_processor(recipe.model)
-    model = _prepare_for_kbit(load_model(recipe.model, recipe.quantization), recipe)
-    trainer = trl.SFTTrainer(
-        model=model,
-        args=sft_arguments(recipe, output_dir / "trainer", report_to or ["none"]),
-        train_dataset=datasets.load_from_disk(str(train_path)),
-        processing_class=processor,
-        peft_config=lora_config(recipe),
-    )
+    trainer = build_sft_trainer(recipe, train_path, output_dir, report_to or ["none"])
     result = trainer.train()
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
-    processor.save_pretrained(str(adapter_dir))
+    trainer.processing_class.save_pretrained(str(adapter_dir))
     logger.info("SFT done: %d steps, train loss %.4f -> %s", result.global_step, result.training_loss, adapter_dir)
     return adapter_dir
+
+
+def build_dpo_trainer(
+    recipe: Recipe, sft_adapter_dir: Path, preference_path: Path, output_dir: Path, report_to: list[str]
+) -> trl.DPOTrainer:
+    """A DPOTrainer whose policy starts as the SFT adapter and whose reference is a frozen copy of it.
+
+    No `ref_model` is passed on purpose: given a PEFT model, TRL copies its adapter into a
+    frozen "ref" adapter, which makes the SFT policy the reference.
+    """
+    base = _prepare_for_kbit(load_model(recipe.model, recipe.quantization), recipe)
+    policy = peft.PeftModel.from_pretrained(base, str(sft_adapter_dir), is_trainable=True)
+    return trl.DPOTrainer(
+        model=policy,
+        ref_model=None,
+        args=dpo_arguments(recipe, output_dir / "trainer", report_to),
+        train_dataset=datasets.load_from_disk(str(preference_path)),
+        processing_class=load_processor(recipe.model),
+    )
 
 
 def train_dpo(
@@ -105,23 +128,13 @@ def train_dpo(
 ) -> Path:
     """Continue the SFT adapter with DPO on the formatted preference pairs at `preference_path`.
 
-    The SFT adapter is the starting point and, copied by TRL into a frozen "ref" adapter,
-    the reference policy. Returns the DPO adapter folder.
+    Returns the DPO adapter folder.
     """
-    processor = load_processor(recipe.model)
-    base = _prepare_for_kbit(load_model(recipe.model, recipe.quantization), recipe)
-    policy = peft.PeftModel.from_pretrained(base, str(sft_adapter_dir), is_trainable=True)
-    trainer = trl.DPOTrainer(
-        model=policy,
-        ref_model=None,
-        args=dpo_arguments(recipe, output_dir / "trainer", report_to or ["none"]),
-        train_dataset=datasets.load_from_disk(str(preference_path)),
-        processing_class=processor,
-    )
+    trainer = build_dpo_trainer(recipe, sft_adapter_dir, preference_path, output_dir, report_to or ["none"])
     result = trainer.train()
     adapter_dir = output_dir / "adapter"
     # Only the trained policy: the frozen "ref" copy is the SFT adapter, already saved.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-    processor.save_pretrained(str(adapter_dir))
+    trainer.processing_class.save_pretrained(str(adapter_dir))
     logger.info("DPO done: %d steps, train loss %.4f -> %s", result.global_step, result.training_loss, adapter_dir)
     return adapter_dir

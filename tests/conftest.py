@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLMOPS_CACHE_DIR", str(REPO / ".cache" / "vlmops"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry writes race the test harness
 
 
 @pytest.fixture(scope="session")

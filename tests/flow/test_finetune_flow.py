@@ -34,7 +34,7 @@ def test_new_version_is_registered_with_candidate_alias(demo_run):
     recipe, result, _tmp = demo_run
     client = MlflowClient(result.tracking_uri)
     version = client.get_model_version_by_alias(recipe.registry.registered_model_name, "candidate")
-    assert version.version == result.registered.version
+    assert str(version.version) == result.registered.version
     assert version.run_id == result.run_id
     assert version.tags["vlmops.base_model"] == "builtin:tiny-smolvlm"
 
@@ -95,3 +95,22 @@ def test_summary_names_run_version_alias_and_ui_command(demo_run):
     assert "'candidate'" in summary and "mlflow ui --backend-store-uri" in summary
     for model in MODELS:
         assert model in summary
+
+
+def test_bad_data_stops_the_run_before_any_training(tiny_model_dir, prefect_harness, isolated_mlflow, tmp_path):
+    from tasks.validation import DataValidationError
+
+    recipe = load_recipe(REPO / "configs" / "demo.yaml", [
+        f"output_dir={tmp_path / 'runs'}", "validation.max_question_chars=5",
+        "data.max_train_samples=40", "data.max_preference_samples=20", "data.max_eval_samples=10",
+    ])
+    with pytest.raises(DataValidationError, match="question"):
+        finetune(recipe)
+    client = MlflowClient(isolated_mlflow)
+    experiment = client.get_experiment_by_name(recipe.registry.experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert {run.info.run_name for run in runs} == {"finetune demo", "validate"}  # no sft, no dpo
+    parent = next(run for run in runs if run.info.run_name == "finetune demo")
+    assert parent.info.status == "FAILED"
+    assert list((tmp_path / "runs").glob("*/validation/quarantine/*.jsonl"))
+    assert not list((tmp_path / "runs").glob("*/sft"))
