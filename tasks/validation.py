@@ -177,7 +177,11 @@ class DataValidationError(Exception):
         self.reports = list(reports)
         names = ", ".join(report.dataset for report in self.reports)
         body = "\n\n".join(report.summary() for report in self.reports)
-        super().__init__(f"Data validation failed for {names}:\n\n{body}")
+        fix = (
+            "Fix: correct or remove the listed rows at the source (the quarantine files name each row "
+            "and the value that failed), or, if the share is acceptable, raise validation.max_failed_fraction."
+        )
+        super().__init__(f"Data validation failed for {names}:\n\n{body}\n\n{fix}")
 
 
 # --------------------------------------------------------------------------------------------

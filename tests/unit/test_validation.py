@@ -252,6 +252,7 @@ def test_ten_bad_rows_in_a_hundred_stop_the_run(tmp_path: Path) -> None:
     assert "answer is not empty" in message
     assert "10 rows" in message
     assert str(report.quarantine_path) in message
+    assert "validation.max_failed_fraction" in message  # the message says how to fix it
     assert excinfo.value.reports == [report]
 
 
