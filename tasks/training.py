@@ -18,17 +18,13 @@ from pathlib import Path
 
 import datasets
 import peft
+import torch
 import trl
 
-from tasks.config import Recipe, TrainerConfig
+from tasks.config import Recipe
 from tasks.models import load_model, load_processor
 
 logger = logging.getLogger(__name__)
-
-
-def _trainer_fields(settings: TrainerConfig) -> dict:
-    # The recipe's trainer sections hold TrainingArguments names only, so they pass through as they are.
-    return settings.model_dump()
 
 
 def lora_config(recipe: Recipe) -> peft.LoraConfig:
@@ -43,9 +39,10 @@ def sft_arguments(recipe: Recipe, output_dir: Path, report_to: list[str]) -> trl
         # Checkpoints arrive with resumable training; the adapter is saved explicitly at the end.
         save_strategy="no",
         report_to=report_to,
-        use_cpu=not _cuda_available(),
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        **_trainer_fields(recipe.sft),
+        # The recipe's trainer sections hold TrainingArguments names only: they pass through as they are.
+        **recipe.sft.model_dump(),
     )
 
 
@@ -54,16 +51,10 @@ def dpo_arguments(recipe: Recipe, output_dir: Path, report_to: list[str]) -> trl
         output_dir=str(output_dir),
         save_strategy="no",
         report_to=report_to,
-        use_cpu=not _cuda_available(),
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        **_trainer_fields(recipe.dpo),
+        **recipe.dpo.model_dump(),
     )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _prepare_for_kbit(model, recipe: Recipe):
