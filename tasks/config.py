@@ -28,18 +28,36 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Where the training and evaluation data come from."""
+    """Where the training and evaluation data come from.
+
+    A source is `builtin:chartqa-synth` / `builtin:chart-prefs-synth`, a hub dataset id
+    (`HuggingFaceM4/ChartQA`), a local JSONL / CSV / Parquet file whose image column holds
+    paths relative to the file's folder, or a local folder (an image folder with a
+    metadata file, or a dataset in the hub's layout).
+    """
 
     sft_source: str = Field(
         "builtin:chartqa-synth",
-        description="SFT data: `builtin:chartqa-synth` (offline ChartQA-style charts).",
+        description="SFT data: builtin:chartqa-synth, a hub id, a JSONL/CSV/Parquet file or a folder.",
     )
     preference_source: str = Field(
         "builtin:chart-prefs-synth",
-        description="Preference pairs for DPO: `builtin:chart-prefs-synth` (RLAIF-V columns).",
+        description="Preference pairs for DPO: builtin:chart-prefs-synth, a hub id, a file or a folder.",
     )
-    train_split: str = Field("train", description="Split used for training.")
-    eval_split: str = Field("test", description="Held-out split every model is evaluated on.")
+    train_split: str = Field("train", description="Split used for training; slicing works: `train[:10%]`.")
+    eval_split: str = Field("test", description="Held-out split every model is evaluated on (ChartQA: `val` or `test`).")
+    sft_columns: dict[str, str] | None = Field(
+        None,
+        description="Source column -> internal column (question, answer, image), e.g. {query: question, label: answer}. "
+        "None uses ChartQA's names.",
+    )
+    preference_columns: dict[str, str] | None = Field(
+        None,
+        description="Source column -> internal column (question, chosen, rejected, image). None uses RLAIF-V's names.",
+    )
+    image_longest_edge: int | None = Field(
+        None, ge=8, description="Images are resized (aspect kept) so their longest edge is at most this many pixels."
+    )
     max_train_samples: int = Field(1200, ge=1, description="SFT training rows to use.")
     max_preference_samples: int = Field(600, ge=1, description="DPO training pairs to use.")
     max_eval_samples: int = Field(150, ge=1, description="Held-out rows (and pairs) to evaluate on.")
@@ -57,10 +75,20 @@ class ValidationConfig(_Section):
         0.05, ge=0.0, le=1.0,
         description="Rows failing a check are quarantined; above this share the run stops.",
     )
+    mostly: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-check tolerance (GX `mostly`): check id -> share of rows that must pass, "
+        "e.g. {image_decodes: 0.99}. Unlisted checks require every row.",
+    )
     max_question_chars: int = Field(512, ge=1)
     max_answer_chars: int = Field(256, ge=1)
     min_image_side: int = Field(8, ge=1)
     max_image_side: int = Field(4096, ge=1)
+    max_image_pixels: int = Field(
+        16_777_216, ge=1, description="Width x height read from the header; larger images are refused undecoded."
+    )
+    min_split_rows: int = Field(1, ge=0, description="A split with fewer rows fails.")
+    max_split_rows: int | None = Field(None, ge=1, description="A split with more rows fails; None for no limit.")
 
 
 class ModelConfig(_Section):
