@@ -46,6 +46,12 @@ class DataConfig(_Section):
     )
     train_split: str = Field("train", description="Split used for training; slicing works: `train[:10%]`.")
     eval_split: str = Field("test", description="Held-out split every model is evaluated on (ChartQA: `val` or `test`).")
+    preference_train_split: str | None = Field(
+        None, description="Split of the preference source to train DPO on; None uses train_split."
+    )
+    preference_eval_split: str | None = Field(
+        None, description="Held-out split of the preference source; None uses eval_split (RLAIF-V: slice train)."
+    )
     sft_columns: dict[str, str] | None = Field(
         None,
         description="Source column -> internal column (question, answer, image), e.g. {query: question, label: answer}. "

@@ -100,12 +100,11 @@ def format_dataset(recipe: Recipe, run_dir: Path, quarantined: dict[str, list[st
         path = run_dir / "data" / name.replace("/", "_")
         save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
         folders[name] = str(save(kept, system_message, path))
-    split_train, split_eval = recipe.data.train_split, recipe.data.eval_split
     return FormattedData(
-        sft_train=folders[f"sft/{split_train}"],
-        sft_eval=folders[f"sft/{split_eval}"],
-        preference_train=folders[f"preference/{split_train}"],
-        preference_eval=folders[f"preference/{split_eval}"],
+        sft_train=folders["sft/train"],
+        sft_eval=folders["sft/eval"],
+        preference_train=folders["preference/train"],
+        preference_eval=folders["preference/eval"],
     )
 
 

@@ -1,7 +1,11 @@
-"""Tests for tasks.data: builtin and hub sources mapped onto the internal row schema."""
+"""Tests for tasks.data: builtin and hub-layout sources mapped onto the internal row schema.
+
+File sources (JSONL / CSV / Parquet, image folders), image paths and fingerprints: test_sources.py.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,9 @@ from tasks.data import (
 )
 from tasks.synthetic import make_chart_prefs_split, make_chartqa_split
 
-SFT_KEYS = {"row_id", "image", "question", "answer"}
-PREFERENCE_KEYS = {"row_id", "image", "question", "chosen", "rejected"}
+BOOKKEEPING = {"source", "image_path", "image_error", "image_sha256"}
+SFT_KEYS = {"row_id", "image", "question", "answer"} | BOOKKEEPING
+PREFERENCE_KEYS = {"row_id", "image", "question", "chosen", "rejected"} | BOOKKEEPING
 
 
 def image_bytes(image: Image.Image) -> bytes:
@@ -190,61 +195,73 @@ def test_hub_source_missing_column_is_reported(offline, tmp_path: Path):
     assert "row 0" in message
     assert "'answer'" in message
     assert "Rename the columns" in message and "'label'" in message
+    assert "data.sft_columns" in message  # the recipe key that maps a column of another name
 
 
-# --- mapping rules, with datasets.load_dataset stubbed ----------------------------------
+def test_missing_preference_column_is_reported(offline, tmp_path: Path):
+    columns = {"image": [_colour_image(0)], "question": ["q"], "chosen": ["c"]}
+    features = offline.Features(
+        {"image": offline.Image(), "question": offline.Value("string"), "chosen": offline.Value("string")}
+    )
+    folder = write_hub_folder(offline, tmp_path / "norejected", columns, features)
+    with pytest.raises(DataSourceError, match=r"row 0: missing column\(s\) \['rejected'\]") as info:
+        load_preference_rows(str(folder), "train", 1)
+    assert "data.preference_columns" in str(info.value)
 
 
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch):
-    """Replace datasets.load_dataset with a stub serving `rows`; records the calls."""
-    import datasets
-
-    state: dict[str, Any] = {"rows": [], "calls": []}
-
-    def fake_load_dataset(source, split=None, **kwargs):
-        state["calls"].append((source, split, kwargs))
-        return list(state["rows"])
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    return state
+# --- slicing and limits on a hub-layout folder ----------------------------------------
 
 
-def test_hub_loader_asks_for_a_sliced_split(fake_hub):
-    fake_hub["rows"] = [{"image": _colour_image(0), "query": "q", "label": ["a"]}]
-    load_sft_rows("someone/chartqa", "validation", 17)
-    assert fake_hub["calls"] == [("someone/chartqa", "validation[:17]", {})]
+def test_split_slice_passes_through_and_limit_takes_the_first_rows(offline, tmp_path: Path):
+    folder = chartqa_folder(offline, tmp_path / "chartqa")  # 4 rows a split
+    half = load_sft_rows(str(folder), "train[:50%]", 10)
+    assert [row["question"] for row in half] == ["What is bar 0?", "What is bar 1?"]
+    # The limit applies after the slice, also when the slice already bounds the rows.
+    tail = load_sft_rows(str(folder), "test[2:]", 1)
+    assert [row["question"] for row in tail] == ["What is bar 2?"]
+    assert tail[0]["row_id"] == "test[2:]-000000"
+    assert tail[0]["answer"] == "blue"
 
 
-def test_missing_column_names_row_index_column_and_fix(fake_hub):
-    good = {"image": _colour_image(0), "query": "q", "label": ["a"]}
-    fake_hub["rows"] = [good, good, {"image": _colour_image(1), "label": ["b"]}]
+def test_hub_rows_carry_source_digest_and_no_error(offline, tmp_path: Path):
+    folder = chartqa_folder(offline, tmp_path / "chartqa")
+    rows = load_sft_rows(str(folder), "train", 4)
+    assert {row["source"] for row in rows} == {str(folder)}
+    assert all(row["image_error"] is None for row in rows)
+    assert all(len(row["image_sha256"]) == 64 for row in rows)
+    # Distinct images, distinct digests (the digest is of each row's own bytes).
+    assert len({row["image_sha256"] for row in rows}) == 4
+    assert image_bytes(rows[1]["image"]) == image_bytes(_colour_image(1))
+
+
+def test_corrupt_image_in_hub_layout_fails_its_row_only(offline, tmp_path: Path):
+    features = offline.Features({"image": offline.Image(), "query": offline.Value("string"),
+                                 "label": offline.Sequence(offline.Value("string"))})
+    png = io.BytesIO()
+    _colour_image(0).save(png, format="PNG")
+    columns = {
+        "image": [{"bytes": png.getvalue(), "path": None}, {"bytes": b"not a png", "path": "broken.png"}],
+        "query": ["q0", "q1"],
+        "label": [["a"], ["b"]],
+    }
+    folder = write_hub_folder(offline, tmp_path / "broken", columns, features)
+    good, bad = load_sft_rows(str(folder), "train", 2)
+    assert isinstance(good["image"], Image.Image) and good["image_error"] is None
+    assert bad["image"] is None
+    assert bad["image_error"].startswith("image does not decode")
+    assert bad["image_path"] == "broken.png"
+
+
+def test_unreachable_hub_id_is_a_data_source_error(offline):
     with pytest.raises(DataSourceError) as info:
-        load_sft_rows("someone/chartqa", "train", 3)
-    message = str(info.value)
-    assert "someone/chartqa" in message
-    assert "row 2" in message
-    assert "['question']" in message  # the missing internal column
-    assert "Rename the columns" in message
-    assert "'query'" in message  # an accepted source name for it
+        load_sft_rows("someone/chartqa-that-is-not-here", "train", 2)
+    assert "someone/chartqa-that-is-not-here" in str(info.value)
+    assert "'train'" in str(info.value)
 
 
-def test_missing_preference_column_is_reported(fake_hub):
-    fake_hub["rows"] = [{"image": _colour_image(0), "question": "q", "chosen": "c"}]
-    with pytest.raises(DataSourceError, match=r"row 0: missing column\(s\) \['rejected'\]"):
-        load_preference_rows("someone/prefs", "train", 1)
-
-
-def test_answer_column_and_label_edge_cases(fake_hub):
-    fake_hub["rows"] = [
-        {"image": _colour_image(0), "question": "q0", "answer": "plain"},  # VQA-style columns
-        {"image": _colour_image(1), "query": "q1", "label": [42, 7]},  # non-str first answer
-        {"image": _colour_image(2), "query": "q2", "label": []},  # no accepted answer
-    ]
-    rows = load_sft_rows("someone/vqa", "train", 3)
-    assert [row["answer"] for row in rows] == ["plain", "42", ""]
-    assert [row["question"] for row in rows] == ["q0", "q1", "q2"]
-    assert all(set(row) == SFT_KEYS for row in rows)
+def test_builtin_source_refuses_a_slice():
+    with pytest.raises(DataSourceError, match=r"max_train_samples"):
+        load_sft_rows(CHARTQA_SYNTH, "train[:10%]", 2)
 
 
 # --- every dataset a recipe uses --------------------------------------------------------
@@ -255,9 +272,9 @@ def test_load_recipe_datasets_names_kinds_and_sizes():
     loaded = load_recipe_datasets(cfg)
     expected = {
         "sft/train": ("sft", 5, SFT_KEYS),
-        "sft/test": ("sft", 3, SFT_KEYS),
+        "sft/eval": ("sft", 3, SFT_KEYS),
         "preference/train": ("preference", 4, PREFERENCE_KEYS),
-        "preference/test": ("preference", 3, PREFERENCE_KEYS),
+        "preference/eval": ("preference", 3, PREFERENCE_KEYS),
     }
     assert set(loaded) == set(expected)
     for name, (kind, size, keys) in expected.items():
@@ -267,7 +284,7 @@ def test_load_recipe_datasets_names_kinds_and_sizes():
         assert all(set(row) == keys for row in rows), name
     # Train and held-out splits are different rows.
     train_q = {(r["question"], image_bytes(r["image"])) for r in loaded["sft/train"][1]}
-    test_q = {(r["question"], image_bytes(r["image"])) for r in loaded["sft/test"][1]}
+    test_q = {(r["question"], image_bytes(r["image"])) for r in loaded["sft/eval"][1]}
     assert not train_q & test_q
 
 
@@ -276,12 +293,31 @@ def test_load_recipe_datasets_follows_split_names_and_seed():
         eval_split="validation", max_train_samples=2, max_preference_samples=2, max_eval_samples=2, seed=5
     )
     loaded = load_recipe_datasets(cfg)
-    assert set(loaded) == {"sft/train", "sft/validation", "preference/train", "preference/validation"}
+    assert set(loaded) == {"sft/train", "sft/eval", "preference/train", "preference/eval"}
     expected = make_chartqa_split("validation", 2, seed=5)
-    assert [r["answer"] for r in loaded["sft/validation"][1]] == [s["label"][0] for s in expected]
-    assert [r["question"] for r in loaded["sft/validation"][1]] == [s["query"] for s in expected]
+    assert [r["answer"] for r in loaded["sft/eval"][1]] == [s["label"][0] for s in expected]
+    assert [r["question"] for r in loaded["sft/eval"][1]] == [s["query"] for s in expected]
 
-    for name, split in (("preference/train", "train"), ("preference/validation", "validation")):
+    for name, split in (("preference/train", "train"), ("preference/eval", "validation")):
         expected_prefs = make_chart_prefs_split(split, 2, seed=5)
         got = [(r["question"], r["chosen"], r["rejected"]) for r in loaded[name][1]]
         assert got == [(s["question"], s["chosen"], s["rejected"]) for s in expected_prefs], name
+
+
+def test_load_recipe_datasets_refuses_one_split_for_train_and_eval():
+    cfg = DataConfig(eval_split="train", max_train_samples=2, max_preference_samples=2, max_eval_samples=2)
+    with pytest.raises(DataSourceError, match=r"train\[:80%\]"):
+        load_recipe_datasets(cfg)
+    same_preference_split = DataConfig(preference_eval_split="train", max_train_samples=2,
+                                       max_preference_samples=2, max_eval_samples=2)
+    with pytest.raises(DataSourceError, match="evaluation would run on training rows"):
+        load_recipe_datasets(same_preference_split)
+
+
+def test_preference_splits_can_differ_from_the_sft_splits():
+    cfg = DataConfig(preference_eval_split="validation", max_train_samples=2, max_preference_samples=2,
+                     max_eval_samples=2, seed=5)
+    loaded = load_recipe_datasets(cfg)
+    expected = make_chart_prefs_split("validation", 2, seed=5)
+    assert [r["chosen"] for r in loaded["preference/eval"][1]] == [s["chosen"] for s in expected]
+    assert [r["answer"] for r in loaded["sft/eval"][1]] == [s["label"][0] for s in make_chartqa_split("test", 2, seed=5)]
