@@ -15,6 +15,8 @@ from pathlib import Path
 
 # Our modules log through the standard library; this lets Prefect show those lines in its run logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+# The offline default must not try to reach the internet: Prefect's telemetry would, and log an error.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _parser() -> argparse.ArgumentParser:

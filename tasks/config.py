@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -83,8 +83,8 @@ class ValidationConfig(_Section):
     )
     mostly: dict[str, float] = Field(
         default_factory=dict,
-        description="Per-check tolerance (GX `mostly`): check id -> share of rows that must pass, "
-        "e.g. {image_decodes: 0.99}. Unlisted checks require every row.",
+        description="Per-check limit (GX `mostly`): check id -> share of rows that must pass, else the run "
+        "stops, e.g. {image_decodes: 0.99}. Failing rows are quarantined either way.",
     )
     max_question_chars: int = Field(512, ge=1)
     max_answer_chars: int = Field(256, ge=1)
@@ -95,6 +95,17 @@ class ValidationConfig(_Section):
     )
     min_split_rows: int = Field(1, ge=0, description="A split with fewer rows fails.")
     max_split_rows: int | None = Field(None, ge=1, description="A split with more rows fails; None for no limit.")
+
+
+    @field_validator("mostly")
+    @classmethod
+    def _known_checks(cls, mostly: dict[str, float]) -> dict[str, float]:
+        from tasks.validation import ROW_CHECK_IDS  # the check ids live with the checks
+
+        unknown = sorted(set(mostly) - set(ROW_CHECK_IDS))
+        if unknown:
+            raise ValueError(f"unknown check id(s) {unknown}; valid: {sorted(ROW_CHECK_IDS)}")
+        return mostly
 
 
 class ModelConfig(_Section):

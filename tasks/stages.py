@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from prefect.runtime import flow_run
 
 from tasks import data, evaluation, formatting, tracking, training
 from tasks.config import Recipe
-from tasks.models import resolve_model_path
+from tasks.models import load_processor, resolve_model_path
 from tasks.tiny_model import TINY_SMOLVLM
 from tasks.validation import ValidationReport, ValidationSettings, raise_if_failed, validate_rows
 
@@ -52,21 +53,52 @@ def start_tracking_run(recipe: Recipe) -> str:
     return tracking.start_pipeline_run(recipe, tags)
 
 
-def run_data_checks(recipe: Recipe, out_dir: Path) -> list[ValidationReport]:
-    """Load every dataset of the recipe and run its GX suite; one report each. Raises nothing on bad data."""
+def _token_counter(recipe: Recipe, kind: str) -> tuple[Callable[[dict], int] | None, int | None]:
+    """(count_tokens, max_tokens) for the token-budget check, or (None, None) when nothing truncates."""
+    max_tokens = recipe.sft.max_length if kind == "sft" else recipe.dpo.max_length
+    if max_tokens is None:
+        return None, None
+    processor = load_processor(recipe.model)
+    to_sample = formatting.to_sft_sample if kind == "sft" else formatting.to_preference_sample
+    system_message, edge = recipe.data.system_message, recipe.data.image_longest_edge
+
+    def count_tokens(row: dict) -> int:
+        return formatting.count_sample_tokens(processor, to_sample(row, system_message, image_longest_edge=edge))
+
+    return count_tokens, max_tokens
+
+
+def run_data_checks(recipe: Recipe, out_dir: Path) -> tuple[list[ValidationReport], dict[str, str]]:
+    """Load every dataset of the recipe and run its GX suite. Raises nothing on bad data.
+
+    Returns one report per dataset and each dataset's content fingerprint, by name.
+
+    Held-out splits are checked first: their sample keys (image + question) guard the
+    training splits, so a leaked pair is dropped from training and the held-out set stays fixed.
+    """
     settings = ValidationSettings(**recipe.validation.model_dump())
-    reports = []
-    for name, (kind, rows) in data.load_recipe_datasets(recipe.data).items():
-        _kept, report = validate_rows(rows, kind=kind, dataset=name, settings=settings, out_dir=out_dir)
+    loaded = data.load_recipe_datasets(recipe.data)
+    reports: dict[str, ValidationReport] = {}
+    fingerprints = {name: data.fingerprint_rows(rows) for name, (_kind, rows) in loaded.items()}
+    for name in ("sft/eval", "preference/eval", "sft/train", "preference/train"):
+        kind, rows = loaded[name]
+        held_out = reports.get(name.replace("/train", "/eval")) if name.endswith("/train") else None
+        count_tokens, max_tokens = _token_counter(recipe, kind)
+        _kept, report = validate_rows(
+            rows, kind=kind, dataset=name, settings=settings, out_dir=out_dir,
+            reference_keys=held_out.sample_keys if held_out else None,
+            count_tokens=count_tokens, max_tokens=max_tokens,
+        )
         logger.info(report.summary())
-        reports.append(report)
-    return reports
+        reports[name] = report
+    return list(reports.values()), fingerprints
 
 
 @task(name="check-data", task_run_name="check data {recipe.name}", cache_policy=NO_CACHE)
 def check_data(recipe: Recipe, out_dir: Path) -> list[ValidationReport]:
     """The data checks alone (for `vlmops validate`): reports, no tracking, no exception."""
-    return run_data_checks(recipe, out_dir)
+    reports, _fingerprints = run_data_checks(recipe, out_dir)
+    return reports
 
 
 @task(name="validate-dataset", task_run_name="validate {recipe.name}", cache_policy=NO_CACHE)
@@ -77,16 +109,15 @@ def validate_dataset(recipe: Recipe, run_dir: Path, parent_run_id: str) -> dict[
     report naming checks, counts and the quarantine file, when a dataset fails more rows
     than `validation.max_failed_fraction` allows: the run stops before any model loads.
     """
-    reports = run_data_checks(recipe, run_dir / "validation")
+    reports, fingerprints = run_data_checks(recipe, run_dir / "validation")
+    tracking.tag_run(parent_run_id, {
+        f"vlmops.data.{name.replace('/', '.')}.fingerprint": value for name, value in fingerprints.items()
+    })
     artifacts = [path for r in reports for path in (r.gx_result_path, r.quarantine_path, r.data_docs_path)]
     metrics = {f"{r.dataset.replace('/', '.')}.failed_rows": float(r.n_failed_rows) for r in reports}
     tracking.log_stage_artifacts(parent_run_id, "validate", artifacts, metrics)
     raise_if_failed(reports)
-    return {r.dataset: _quarantined_ids(r) for r in reports}
-
-
-def _quarantined_ids(report: ValidationReport) -> list[str]:
-    return sorted({row_id for check in report.failed_checks for row_id in check.unexpected_row_ids if row_id})
+    return {r.dataset: r.quarantined_row_ids for r in reports}
 
 
 @task(name="format-dataset", task_run_name="format {recipe.name}", cache_policy=NO_CACHE)
@@ -99,7 +130,7 @@ def format_dataset(recipe: Recipe, run_dir: Path, quarantined: dict[str, list[st
         kept = [row for row in rows if row["row_id"] not in dropped]
         path = run_dir / "data" / name.replace("/", "_")
         save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
-        folders[name] = str(save(kept, system_message, path))
+        folders[name] = str(save(kept, system_message, path, image_longest_edge=recipe.data.image_longest_edge))
     return FormattedData(
         sft_train=folders["sft/train"],
         sft_eval=folders["sft/eval"],

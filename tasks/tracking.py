@@ -83,6 +83,14 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
+def tag_run(run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a run (lineage: dataset fingerprints, registered version)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def log_stage_artifacts(parent_run_id: str, stage: str, paths: list[Path], metrics: dict[str, float]) -> None:
     """Log files and metrics of a stage that ran without a trainer (validation, evaluation)."""
     with stage_run(parent_run_id, stage):

@@ -239,3 +239,9 @@ def test_override_does_not_mutate_raw():
 
     recipe_from_dict(raw, overrides=["sft.learning_rate=1e-4", "dpo.beta=0.2"])
     assert raw == before
+
+
+def test_unknown_check_id_in_mostly_fails_at_load_naming_it():
+    with pytest.raises(ConfigError, match="imagedecodes"):
+        recipe_from_dict({"validation": {"mostly": {"imagedecodes": 0.9}}})
+    assert recipe_from_dict({"validation": {"mostly": {"image_decodes": 0.9}}}).validation.mostly == {"image_decodes": 0.9}
