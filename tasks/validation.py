@@ -68,8 +68,13 @@ KINDS: tuple[Kind, ...] = ("sft", "preference")
 
 # Metadata columns, in frame order. Image columns are shared by both kinds.
 _TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "sft": ("question_chars", "answer_chars"),
-    "preference": ("question_chars", "chosen_chars", "rejected_chars", "chosen_differs"),
+    "sft": ("text_is_string", "question_chars", "answer_chars"),
+    "preference": ("text_is_string", "question_chars", "chosen_chars", "rejected_chars", "chosen_differs"),
+}
+# The text fields each kind must carry as strings (a number, list or null is refused, not guessed at).
+_TEXT_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("question", "answer"),
+    "preference": ("question", "chosen", "rejected"),
 }
 _IMAGE_COLUMNS: tuple[str, ...] = (
     "image_inside_dataset",  # False only for a loader error "image path escapes ..."
@@ -130,6 +135,7 @@ _TOP_LABELS = 10
 ROW_CHECK_IDS: tuple[str, ...] = (
     "row_id_present",
     "row_id_unique",
+    "text_fields_are_strings",
     "question_not_empty",
     "question_within_max_chars",
     "answer_not_empty",
@@ -469,6 +475,8 @@ def _metadata_record(row: dict[str, Any], kind: str) -> dict[str, Any]:
     """Measure one row's text: lengths, and whether chosen differs from rejected."""
     record: dict[str, Any] = {
         "row_id": row.get("row_id"),
+        # A missing (None) field fails only its "not empty" check; a number or list fails here.
+        "text_is_string": all(row.get(field) is None or isinstance(row.get(field), str) for field in _TEXT_FIELDS[kind]),
         "question_chars": _text_chars(row.get("question")),
     }
     if kind == "sft":
@@ -590,6 +598,7 @@ def _build_expectations(
         ),
         row_level("row_id_present", "row_id is present", gxe.ExpectColumnValuesToNotBeNull, "row_id"),
         row_level("row_id_unique", "row_id is unique", gxe.ExpectColumnValuesToBeUnique, "row_id"),
+        is_value("text_fields_are_strings", "text fields are strings", "text_is_string", True),
         between("question_not_empty", "question is not empty", "question_chars", 1, None),
         between(
             "question_within_max_chars",

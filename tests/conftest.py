@@ -14,6 +14,7 @@ os.environ.setdefault("VLMOPS_CACHE_DIR", str(REPO / ".cache" / "vlmops"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry writes race the test harness
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # plain-function tests log too
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_metadata_frame_columns_and_image_facts() -> None:
     frame = build_metadata_frame(rows, "sft")
 
     assert list(frame.columns) == [
-        "row_id", "row_pos", "question_chars", "answer_chars",
+        "row_id", "row_pos", "text_is_string", "question_chars", "answer_chars",
         "image_inside_dataset", "image_pixels", "image_within_budget", "image_decodes", "image_rgb",
         "image_width", "image_height", "image_mode", "image_error",
         "sample_key", "duplicate_of",
@@ -655,3 +655,11 @@ def test_label_distribution_of_preferences_counts_chosen(tmp_path: Path) -> None
 
     assert report.label_distribution == {"yes": 2, "2": 1}
     assert 'top chosen: "yes" 2, "2" 1' in report.summary()
+
+
+def test_text_fields_must_be_strings(tmp_path: Path) -> None:
+    rows = [sft_row(i) for i in range(10)] + [sft_row(10, answer=42), sft_row(11, question=["a", "list"])]
+    kept, report = validate_rows(rows, "sft", "sft/train", SETTINGS, tmp_path)
+    failed = {check.check_id: set(check.unexpected_row_ids) for check in report.failed_checks}
+    assert failed["text_fields_are_strings"] == {"sft-10", "sft-11"}
+    assert [row["row_id"] for row in kept] == [f"sft-{i}" for i in range(10)]
