@@ -2,6 +2,7 @@
 
     vlmops run -c configs/demo.yaml [--set sft.learning_rate=1e-4 ...]
     vlmops validate -c configs/demo.yaml [--set ...]
+    vlmops evaluate models:/NAME@candidate -c configs/demo.yaml [--set ...]
 
 Exit codes: 0 done, 1 the data failed its checks, 2 the recipe is invalid.
 """
@@ -25,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "run the fine-tuning flow (validate, format, SFT, DPO, evaluate, register)"),
         ("validate", "run only the data checks; exits 1 with a report when the data fails them"),
+        ("evaluate", "evaluate a registered adapter on the recipe's held-out split"),
     ):
         command = commands.add_parser(name, help=help_text)
+        if name == "evaluate":
+            command.add_argument("model_uri", help="registered adapter: models:/NAME/VERSION or models:/NAME@ALIAS")
         command.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML, e.g. configs/demo.yaml")
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -40,7 +44,7 @@ def format_summary(result) -> str:
     from mlflow import MlflowClient
 
     models = list(result.metrics)
-    metric_names = [name for name in result.metrics[models[0]] if name != "eval_samples"]
+    metric_names = [name for name in result.metrics[models[0]] if not name.startswith("eval_samples")]
     width = max(len(name) for name in metric_names) + 2
     lines = ["", "metric".ljust(width) + "".join(model.rjust(10) for model in models)]
     for name in metric_names:
@@ -54,6 +58,8 @@ def format_summary(result) -> str:
         f"MLflow run:        {result.run_id}",
         f"registered model:  {registered.name} version {registered.version} (alias '{registered.alias}')",
         f"run outputs:       {result.run_dir}",
+        f"comparison:        {result.report['md']} (chart: {result.report['png']})",
+        f"prediction gallery: {result.report['gallery']}",
         "open it in the MLflow UI:",
         f"  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri} --port 5000",
         f"  then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{result.run_id}",
@@ -84,8 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         print("data checks passed")
         return 0
 
-    from flows.finetune import finetune
     from tasks.validation import DataValidationError
+
+    if args.command == "evaluate":
+        from flows.evaluate import evaluate
+
+        try:
+            metrics = evaluate(args.model_uri, recipe)
+        except DataValidationError as error:
+            print(error, file=sys.stderr)
+            return 1
+        for name, value in metrics.items():
+            print(f"{name:32s} {value:10.4f}")
+        return 0
+
+    from flows.finetune import finetune
 
     try:
         result = finetune(recipe)

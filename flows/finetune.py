@@ -7,7 +7,7 @@ Stages:
 4. prepare the base model (the offline tiny SmolVLM is built once and cached);
 5. SFT with a LoRA adapter on the base loaded as the recipe asks (bf16 / 8-bit / 4-bit);
 6. DPO from the SFT adapter, the SFT policy as reference;
-7. evaluate base, SFT and DPO on the same held-out split;
+7. evaluate base, SFT and DPO on the same held-out split; write the comparison and gallery;
 8. register the DPO adapter as a new model version with the alias `candidate`.
 """
 
@@ -31,6 +31,7 @@ class FinetuneResult:
     metrics: dict[str, dict[str, float]]
     registered: stages.RegisteredAdapter
     run_dir: str
+    report: dict[str, str]
 
 
 @flow(name="finetune", flow_run_name="finetune {recipe.name}", log_prints=True)
@@ -54,6 +55,7 @@ def finetune(recipe: Recipe) -> FinetuneResult:
             label: stages.evaluate_model(recipe, label, adapter, formatted, run_dir, parent_run_id)
             for label, adapter in (("base", None), ("sft", sft_adapter), ("dpo", dpo_adapter))
         }
+        report = stages.write_evaluation_report(recipe, formatted, run_dir, parent_run_id, metrics)
 
         # registry: the new adapter becomes a candidate; promotion is a separate, gated step
         registered = stages.register_adapter(recipe, parent_run_id, dpo_adapter, metrics)
@@ -62,4 +64,4 @@ def finetune(recipe: Recipe) -> FinetuneResult:
         # The MLflow run must not stay RUNNING forever when a stage fails.
         stages.finish_tracking_run(parent_run_id, status="FAILED")
         raise
-    return FinetuneResult(parent_run_id, tracking_uri(), metrics, registered, str(run_dir))
+    return FinetuneResult(parent_run_id, tracking_uri(), metrics, registered, str(run_dir), report)

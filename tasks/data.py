@@ -1,7 +1,8 @@
 """Data sources: load a split and map its columns onto the pipeline's internal schema.
 
 Internal schema, whatever the source:
-- SFT rows: `row_id`, `image` (PIL), `question`, `answer`;
+- SFT rows: `row_id`, `image` (PIL), `question`, `answer`, `question_type` (optional in the
+  source, None when it has none; builtin:chartqa-synth derives argmax / count / value);
 - preference rows: `row_id`, `image` (PIL), `question`, `chosen`, `rejected`;
 - and on every row: `source` (the source string), `image_path` (the image's path as the
   data names it, None for in-memory images), `image_error` (None, or why `image` is None)
@@ -66,7 +67,17 @@ CHARTQA_SYNTH = "builtin:chartqa-synth"
 CHART_PREFS_SYNTH = "builtin:chart-prefs-synth"
 
 # Source column -> internal column, by the names the reference datasets use.
-SFT_COLUMNS = {"query": "question", "question": "question", "label": "answer", "answer": "answer", "image": "image"}
+SFT_COLUMNS = {
+    "query": "question",
+    "question": "question",
+    "label": "answer",
+    "answer": "answer",
+    "image": "image",
+    "question_type": "question_type",
+}
+# Internal columns a source may leave out: they read as None. `question_type` (value, count, ...)
+# lets evaluation report accuracy per type; builtin:chartqa-synth derives it from its templates.
+OPTIONAL_COLUMNS = {"sft": ("question_type",), "preference": ()}
 PREFERENCE_COLUMNS = {"question": "question", "chosen": "chosen", "rejected": "rejected", "image": "image"}
 RECIPE_KEYS = {"sft": "data.sft_columns", "preference": "data.preference_columns"}
 
@@ -332,11 +343,20 @@ def _as_text(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def _optional_text(value: Any) -> str | None:
+    """An optional text column's value: None for a missing or blank cell, else its text."""
+    if value is None:
+        return None
+    text = str(_as_text(value)).strip()
+    return text or None
+
+
 def _map_rows(
     raw_rows: list[dict[str, Any]], mapping: dict[str, str], kind: str, resolved: ResolvedSource, source: str
 ) -> list[dict[str, Any]]:
     split = resolved.split
-    wanted = set(mapping.values())
+    optional = OPTIONAL_COLUMNS[kind]
+    wanted = set(mapping.values()) - set(optional)
     mapped, list_labels, several_labels = [], 0, 0
     for index, row in enumerate(raw_rows):
         item: dict[str, Any] = {}
@@ -359,6 +379,10 @@ def _map_rows(
         loaded = _load_image(item.pop("image"), resolved.image_root)
         out = {"row_id": f"{split}-{index:06d}", "image": loaded.image}
         out |= {column: _as_text(value) for column, value in item.items()}
+        for column in optional:
+            out[column] = _optional_text(out.get(column))
+        if kind == "sft" and out["question_type"] is None and resolved.location == CHARTQA_SYNTH:
+            out["question_type"] = synthetic.question_kind(out["question"])
         out |= {
             "source": source,
             "image_path": loaded.path,
@@ -450,6 +474,8 @@ def fingerprint_rows(rows: list[dict[str, Any]]) -> str:
     digest = hashlib.sha256(b"vlmops-rows-v1\n")
     for row in rows:
         text = {key: value for key, value in row.items() if key not in bookkeeping}
+        if text.get("question_type", "") is None:  # an unknown type leaves the hash as it was before types
+            del text["question_type"]
         image_part = row.get("image_sha256")
         if image_part is None:
             image = row.get("image")

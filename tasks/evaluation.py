@@ -2,7 +2,12 @@
 
 - Answers come from greedy decoding, batched: prompts are left-padded and each batch is
   one `generate` call (the reference notebooks generate one sample at a time).
-- ChartQA relaxed accuracy scores them (tasks/metrics.py).
+- The decoding configuration is fixed (`DECODING`, plus the recipe's max_new_tokens and batch
+  size): `decoding_config(recipe)` gives it whole, for the run to record next to the metrics.
+- ChartQA relaxed accuracy scores them (tasks/metrics.py), overall and, where the held-out
+  samples carry a `question_type` (value, count, argmax, ...), per type: `relaxed_accuracy.<type>`
+  with `eval_samples.<type>`, so the overall accuracy is the sample-weighted mean of the types'
+  when every sample has a type.
 - Preference accuracy: the share of held-out pairs where the model gives the chosen
   answer a higher log-likelihood than the rejected one, and the mean margin between the
   two (sum of completion-token log-probabilities). The same definition serves every
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import datasets
@@ -26,6 +32,43 @@ from tasks.models import load_model, load_processor
 
 logger = logging.getLogger(__name__)
 
+# Greedy decoding, the same for every model: explicit here so a model's own generation_config
+# (sampling, beams, penalties) can never change what is compared.
+DECODING: dict[str, Any] = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
+STOP_TOKENS = ("eos_token", "<end_of_utterance>")  # the tokenizer's eos token, the end of an assistant turn
+OVERALL = "all"  # the question type of the overall metrics in reports
+
+
+def decoding_config(recipe: Recipe) -> dict[str, Any]:
+    """Everything that fixes the generated answers, flat, for logging as run parameters."""
+    settings = recipe.evaluation
+    return {
+        **DECODING,
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+        "padding_side": "left",
+        "stop_tokens": ",".join(STOP_TOKENS),
+    }
+
+
+def type_metric_key(metric: str, question_type: str) -> str:
+    """`relaxed_accuracy.count`: the metric for one question type, a valid MLflow metric name."""
+    return f"{metric}.{re.sub(r'[^A-Za-z0-9_./ -]', '_', question_type)}"
+
+
+def per_type_metrics(predictions: list[dict[str, Any]]) -> dict[str, float]:
+    """`relaxed_accuracy.<type>` and `eval_samples.<type>` for each type present (typeless samples skipped)."""
+    by_type: dict[str, list[bool]] = {}
+    for prediction in predictions:
+        if prediction.get("question_type"):
+            by_type.setdefault(prediction["question_type"], []).append(bool(prediction["correct"]))
+    metrics: dict[str, float] = {}
+    for question_type in sorted(by_type):
+        correct = by_type[question_type]
+        metrics[type_metric_key("relaxed_accuracy", question_type)] = sum(correct) / len(correct)
+        metrics[type_metric_key("eval_samples", question_type)] = float(len(correct))
+    return metrics
+
 
 def _answer_text(completion: list[dict[str, Any]]) -> str:
     return "".join(part["text"] for part in completion[0]["content"] if part["type"] == "text")
@@ -38,7 +81,7 @@ def _question_text(prompt: list[dict[str, Any]]) -> str:
 
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[dict[str, Any]], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers for formatted SFT samples (prompt + images), one `generate` call per batch."""
+    """Greedy answers (`DECODING`) for formatted SFT samples (prompt + images), one `generate` call per batch."""
     model.eval()
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
@@ -58,7 +101,7 @@ def generate_answers(model, processor, samples: list[dict[str, Any]], batch_size
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **DECODING,
             eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -103,8 +146,10 @@ def evaluate_model(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Score one model on the held-out split: returns (metrics, predictions).
 
-    metrics: relaxed_accuracy, preference_accuracy, preference_margin, eval_samples.
-    predictions: one dict per held-out question (question, label, prediction, correct).
+    metrics: relaxed_accuracy, preference_accuracy, preference_margin, eval_samples, and per
+    question type present: relaxed_accuracy.<type>, eval_samples.<type>.
+    predictions: one dict per held-out question, in dataset order (row_index, question_type
+    (None when unknown), question, label, prediction, correct).
     """
     settings = recipe.evaluation
     model, processor = load_for_evaluation(recipe, adapter_dir)
@@ -116,20 +161,23 @@ def evaluate_model(
     chosen, rejected = preference_log_likelihoods(model, processor, pairs, settings.batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
 
-    metrics = {
-        "relaxed_accuracy": relaxed_accuracy(answers, labels, settings.relaxed_tolerance),
-        "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-        "preference_margin": sum(margins) / len(margins),
-        "eval_samples": float(len(samples)),
-    }
     predictions = [
         {
+            "row_index": index,
+            "question_type": sample.get("question_type") or None,
             "question": _question_text(sample["prompt"]),
             "label": label,
             "prediction": answer,
             "correct": relaxed_match(answer, label, settings.relaxed_tolerance),
         }
-        for sample, label, answer in zip(samples, labels, answers)
+        for index, (sample, label, answer) in enumerate(zip(samples, labels, answers))
     ]
+    metrics = {
+        "relaxed_accuracy": relaxed_accuracy(answers, labels, settings.relaxed_tolerance),
+        "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "preference_margin": sum(margins) / len(margins),
+        "eval_samples": float(len(samples)),
+        **per_type_metrics(predictions),
+    }
     logger.info("evaluated %s: %s", adapter_dir or "base", metrics)
     return metrics, predictions

@@ -60,11 +60,16 @@ def resize_image(image: Image.Image, longest_edge: int | None = None) -> Image.I
 
 
 def to_sft_sample(row: dict[str, Any], system_message: str, image_longest_edge: int | None = None) -> dict[str, Any]:
-    """One SFT row -> {prompt, completion, images} in TRL's conversational prompt-completion form."""
+    """One SFT row -> {prompt, completion, images, question_type} in TRL's conversational prompt-completion form.
+
+    `question_type` is the row's type for per-type evaluation ("" when unknown: a plain string
+    column, which TRL's vision collator ignores).
+    """
     return {
         "prompt": _prompt(system_message, row["question"]),
         "completion": _assistant(row["answer"]),
         "images": [resize_image(row["image"], image_longest_edge)],
+        "question_type": row.get("question_type") or "",
     }
 
 

@@ -20,8 +20,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import data, evaluation, formatting, tracking, training
-from tasks.config import Recipe
+from tasks import data, evaluation, formatting, report, tracking, training
+from tasks.config import QuantizationConfig, Recipe
 from tasks.models import load_processor, resolve_model_path
 from tasks.tiny_model import TINY_SMOLVLM
 from tasks.validation import ValidationReport, ValidationSettings, raise_if_failed, validate_rows
@@ -172,6 +172,23 @@ def evaluate_model(
     return metrics
 
 
+@task(name="write-evaluation-report", task_run_name="report {recipe.name}", cache_policy=NO_CACHE)
+def write_evaluation_report(
+    recipe: Recipe, formatted: FormattedData, run_dir: Path, parent_run_id: str,
+    metrics_by_model: dict[str, dict[str, float]],
+) -> dict[str, str]:
+    """Comparison table (CSV, markdown, bar-chart PNG) and prediction gallery (HTML) of all models."""
+    out_dir = run_dir / "evaluation"
+    predictions_by_model = {
+        label: json.loads((out_dir / f"{label}_predictions.json").read_text()) for label in metrics_by_model
+    }
+    paths = report.write_comparison(metrics_by_model, out_dir)
+    paths["gallery"] = report.write_gallery(formatted.sft_eval, predictions_by_model, out_dir / "gallery.html")
+    tracking.log_stage_artifacts(parent_run_id, "report", list(paths.values()), {})
+    tracking.log_params(parent_run_id, {f"decoding.{k}": v for k, v in evaluation.decoding_config(recipe).items()})
+    return {name: str(path) for name, path in paths.items()}
+
+
 @task(name="register-adapter", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_adapter(
     recipe: Recipe, parent_run_id: str, adapter_dir: str, metrics_by_model: dict[str, dict[str, float]]
@@ -194,3 +211,62 @@ def register_adapter(
 def finish_tracking_run(parent_run_id: str, status: str = "FINISHED") -> None:
     """Close the MLflow parent run as FINISHED or FAILED."""
     tracking.end_pipeline_run(parent_run_id, status)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Folders of the formatted held-out datasets."""
+
+    sft_eval: str
+    preference_eval: str
+
+
+@task(name="fetch-registered-adapter", task_run_name="fetch {model_uri}", retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def fetch_registered_adapter(model_uri: str, run_dir: Path) -> dict:
+    """Download a registered adapter model; returns its adapter folder and base model settings."""
+    return tracking.download_registered_adapter(model_uri, run_dir / "registered")
+
+
+@task(name="prepare-eval-data", task_run_name="prepare eval data {recipe.name}", cache_policy=NO_CACHE)
+def prepare_eval_data(recipe: Recipe, run_dir: Path) -> EvalData:
+    """Load the recipe's held-out splits, drop rows failing the checks, format them."""
+    settings = ValidationSettings(**recipe.validation.model_dump())
+    d = recipe.data
+    held_out = {
+        "sft/eval": ("sft", data.load_sft_rows(
+            d.sft_source, d.eval_split, d.max_eval_samples,
+            d.seed, columns=d.sft_columns)),
+        "preference/eval": ("preference", data.load_preference_rows(
+            d.preference_source, d.preference_eval_split or d.eval_split,
+            d.max_eval_samples, d.seed, columns=d.preference_columns)),
+    }
+    folders = {}
+    for name, (kind, rows) in held_out.items():
+        kept, report = validate_rows(rows, kind=kind, dataset=name, settings=settings, out_dir=run_dir / "validation")
+        logger.info(report.summary())
+        raise_if_failed([report])
+        save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
+        path = run_dir / "data" / name.replace("/", "_")
+        folders[name] = str(save(kept, d.system_message, path,
+                                 image_longest_edge=d.image_longest_edge))
+    return EvalData(sft_eval=folders["sft/eval"], preference_eval=folders["preference/eval"])
+
+
+@task(name="evaluate-registered", task_run_name="evaluate {registered[model_uri]}", cache_policy=NO_CACHE)
+def evaluate_registered(recipe: Recipe, registered: dict, eval_data: EvalData, run_dir: Path) -> dict[str, float]:
+    """Evaluate a registered adapter on its own base (as it was trained) and the recipe's held-out data."""
+    as_trained = recipe.model_copy(update={
+        "model": recipe.model.model_copy(update={
+            "name_or_path": registered["base_model"], "revision": registered["revision"], "dtype": registered["dtype"],
+        }),
+        "quantization": QuantizationConfig(**registered["quantization"]),
+    })
+    metrics, predictions = evaluation.evaluate_model(
+        as_trained, registered["adapter_dir"], eval_data.sft_eval, eval_data.preference_eval
+    )
+    predictions_path = run_dir / "evaluation" / "predictions.json"
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    predictions_path.write_text(json.dumps(predictions, indent=1))
+    tracking.log_evaluation_run(recipe.registry.experiment_name, registered["model_uri"], metrics, [predictions_path])
+    return metrics

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ __all__ = [
     "caption",
     "ask_question",
     "answer_question",
+    "question_kind",
     "split_of",
     "make_chartqa_split",
     "make_chart_prefs_split",
@@ -270,6 +272,26 @@ def answer_question(spec: ChartSpec, kind: str, color: str | None = None) -> tup
             raise ValueError(f"value question needs a colour from {spec.colors}, got {color!r}")
         return _VALUE_QUESTION.format(color=color), str(spec.value_of(color))
     raise ValueError(f"unknown question kind {kind!r}; allowed: {list(QUESTION_KINDS)}")
+
+
+_VALUE_QUESTION_PATTERN = re.compile(
+    re.escape(_VALUE_QUESTION).replace(re.escape("{color}"), "(?:" + "|".join(COLOR_NAMES) + ")")
+)
+
+
+def question_kind(question: str) -> str | None:
+    """The kind (one of :data:`QUESTION_KINDS`) of a templated question, or None for any other text.
+
+    ChartQA's columns have no place for the kind, so it is recovered from the question,
+    whose templates are distinct per kind.
+    """
+    if question == _ARGMAX_QUESTION:
+        return "argmax"
+    if question == _COUNT_QUESTION:
+        return "count"
+    if _VALUE_QUESTION_PATTERN.fullmatch(question):
+        return "value"
+    return None
 
 
 def ask_question(spec: ChartSpec, rng: random.Random, kind: str | None = None) -> tuple[str, str, str]:

@@ -1,7 +1,7 @@
 """MLflow: one parent run per pipeline run, a nested run per stage, the adapter in the registry.
 
 The tracking target comes from `MLFLOW_TRACKING_URI`; unset, it is a local SQLite
-database (`./mlflow.db`) with artifacts in `./mlartifacts`, MLflow 3's own default.
+database (`./mlflow.db`) with artifacts in `./mlruns`, MLflow 3's own default.
 
 Tasks may run on different threads, so nothing here relies on MLflow's "active run"
 crossing task boundaries: the parent run is created by id and every stage opens its own
@@ -91,6 +91,12 @@ def tag_run(run_id: str, tags: dict[str, str]) -> None:
         client.set_tag(run_id, key, value)
 
 
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log parameters on an existing run (e.g. the decoding configuration)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+
+
 def log_stage_artifacts(parent_run_id: str, stage: str, paths: list[Path], metrics: dict[str, float]) -> None:
     """Log files and metrics of a stage that ran without a trainer (validation, evaluation)."""
     with stage_run(parent_run_id, stage):
@@ -156,6 +162,38 @@ def register_adapter(
     client.set_registered_model_alias(name, recipe.registry.candidate_alias, version.version)
     client.set_tag(parent_run_id, "vlmops.registered_version", f"{name}/{version.version}")
     return name, str(version.version)
+
+
+def download_registered_adapter(model_uri: str, dst: Path) -> dict[str, Any]:
+    """Fetch a registered adapter model (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
+
+    Returns what evaluating it needs: the adapter folder, the base model (its folder when it
+    travelled with the model, else its hub id), revision, dtype and quantization.
+    """
+    mlflow.set_tracking_uri(tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    config, artifacts = flavor["config"], flavor["artifacts"]
+    base = str(local / artifacts["base_model"]["path"]) if "base_model" in artifacts else config["base_model"]
+    return {
+        "model_uri": model_uri,
+        "adapter_dir": str(local / artifacts["adapter"]["path"]),
+        "base_model": base,
+        "revision": config.get("revision"),
+        "dtype": config["dtype"],
+        "quantization": config["quantization"],
+    }
+
+
+def log_evaluation_run(experiment_name: str, model_uri: str, metrics: dict[str, float], paths: list[Path]) -> str:
+    """One MLflow run holding a registered model's evaluation; returns its id."""
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment_name)
+    with mlflow.start_run(run_name=f"evaluate {model_uri}", tags={"vlmops.model_uri": model_uri}) as run:
+        mlflow.log_metrics(metrics)
+        for path in paths:
+            mlflow.log_artifact(str(path))
+    return run.info.run_id
 
 
 def end_pipeline_run(parent_run_id: str, status: str = "FINISHED") -> None:

@@ -114,3 +114,38 @@ def test_bad_data_stops_the_run_before_any_training(tiny_model_dir, prefect_harn
     assert parent.info.status == "FAILED"
     assert list((tmp_path / "runs").glob("*/validation/quarantine/*.jsonl"))
     assert not list((tmp_path / "runs").glob("*/sft"))
+
+
+def test_evaluate_flow_reproduces_the_registered_versions_metrics(demo_run, capsys):
+    """Same model, data and decoding: evaluating the registered version gives the run's DPO numbers."""
+    from flows.cli import main
+
+    recipe, result, tmp = demo_run
+    uri = f"models:/{recipe.registry.registered_model_name}/{result.registered.version}"
+    assert main(["evaluate", uri, "-c", str(REPO / "configs" / "demo.yaml"), "--set", f"output_dir={tmp / 'eval'}"]) == 0
+    printed = {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for metric in ("relaxed_accuracy", "preference_accuracy"):
+        assert printed[metric] == pytest.approx(result.metrics["dpo"][metric])
+    client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id], filter_string=f"tags.`vlmops.model_uri` = '{uri}'"
+    )
+    assert len(runs) == 1 and runs[0].data.metrics["relaxed_accuracy"] == pytest.approx(printed["relaxed_accuracy"])
+
+
+def test_comparison_and_gallery_are_written_and_logged(demo_run):
+    _recipe, result, _tmp = demo_run
+    for name in ("csv", "md", "png", "gallery"):
+        assert Path(result.report[name]).is_file(), name
+    gallery = Path(result.report["gallery"]).read_text()
+    assert gallery.count("data:image/png;base64") >= 10
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.data.params["decoding.do_sample"] == "False"
+    assert "sft.relaxed_accuracy.count" in parent.data.metrics  # per question type
+    report_run = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}' and attributes.run_name = 'report'",
+    )[0]
+    logged = {item.path for item in client.list_artifacts(report_run.info.run_id)}
+    assert {"comparison.png", "comparison.md", "gallery.html"} <= logged

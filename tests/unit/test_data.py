@@ -24,7 +24,7 @@ from tasks.data import (
 from tasks.synthetic import make_chart_prefs_split, make_chartqa_split
 
 BOOKKEEPING = {"source", "image_path", "image_error", "image_sha256"}
-SFT_KEYS = {"row_id", "image", "question", "answer"} | BOOKKEEPING
+SFT_KEYS = {"row_id", "image", "question", "answer", "question_type"} | BOOKKEEPING
 PREFERENCE_KEYS = {"row_id", "image", "question", "chosen", "rejected"} | BOOKKEEPING
 
 
@@ -49,6 +49,38 @@ def test_builtin_sft_rows_map_to_internal_schema(split: str):
         assert isinstance(row["image"], Image.Image)
         assert image_bytes(row["image"]) == image_bytes(src["image"])
     assert len({row["row_id"] for row in rows}) == n
+
+
+def test_builtin_sft_rows_carry_their_question_type():
+    rows = load_sft_rows(CHARTQA_SYNTH, "test", 9, seed=1)
+    # make_chartqa_split cycles argmax, count, value.
+    assert [row["question_type"] for row in rows] == ["argmax", "count", "value"] * 3
+    for row in rows:
+        if row["question_type"] == "value":
+            assert row["question"].startswith("What is the value of the ")
+    assert all("question_type" not in row for row in load_preference_rows(CHART_PREFS_SYNTH, "test", 3))
+
+
+def test_question_type_is_an_optional_source_column(offline, tmp_path: Path):
+    import json
+
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "a.png")
+    cells = [{"question_type": "count"}, {"question_type": ""}, {}, {"kind": "yes/no"}]
+    lines = [{"image": "a.png", "question": f"q{i}", "answer": "1"} | extra for i, extra in enumerate(cells)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = load_sft_rows(str(tmp_path / "train.jsonl"), "train", 4)
+    assert [row["question_type"] for row in rows] == ["count", None, None, None]
+    mapped = load_sft_rows(str(tmp_path / "train.jsonl"), "train", 4, columns={"kind": "question_type"})
+    assert [row["question_type"] for row in mapped] == [None, None, None, "yes/no"]
+
+
+def test_unknown_question_type_leaves_the_fingerprint_as_before_types():
+    from tasks.data import fingerprint_rows
+
+    rows = load_sft_rows(CHARTQA_SYNTH, "test", 3)
+    untyped = [{key: value for key, value in row.items() if key != "question_type"} for row in rows]
+    assert fingerprint_rows([row | {"question_type": None} for row in rows]) == fingerprint_rows(untyped)
+    assert fingerprint_rows(rows) != fingerprint_rows(untyped)
 
 
 def test_builtin_sft_rows_follow_seed():

@@ -55,6 +55,7 @@ def test_sft_trainer_labels_cover_exactly_the_answer_and_end_of_turn(processor, 
         processing_class=processor,
         peft_config=lora_config(recipe),
     )
+    assert {sample["question_type"] for sample in samples} == {"argmax", "count", "value"}  # an extra column
     batch = trainer.data_collator([dict(sample) for sample in samples])
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (batch["input_ids"] == image_token).any(), "the batch carries no image tokens"
@@ -149,3 +150,11 @@ def test_count_sample_tokens_reads_saved_datasets(processor, tmp_path):
 def test_count_sample_tokens_refuses_other_shapes(processor):
     with pytest.raises(KeyError, match="prompt-completion or preference"):
         count_sample_tokens(processor, {"messages": [], "images": []})
+
+
+def test_saved_sft_dataset_keeps_the_question_type_as_a_string_column(tmp_path):
+    rows = load_sft_rows(CHARTQA_SYNTH, "test", 3)
+    untyped = dict(rows[0], question_type=None)
+    saved = datasets.load_from_disk(str(save_sft_dataset([*rows, untyped], SYSTEM, tmp_path / "sft")))
+    assert saved.features["question_type"].dtype == "string"
+    assert saved["question_type"] == ["argmax", "count", "value", ""]

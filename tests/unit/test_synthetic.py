@@ -30,6 +30,7 @@ from tasks.synthetic import (
     ChartSpec,
     ask_question,
     caption,
+    question_kind,
     make_chart_prefs_split,
     make_chartqa_split,
     render_chart,
@@ -457,3 +458,15 @@ def test_prefs_held_out_splits_never_overlap_any_train_split(
         for row in prefs[split]:
             assert row_key(row["image"], row["question"]) not in train
             assert split_of(decode_chart(row["image"]), row["question"]) == split
+
+
+def test_question_kind_recovers_the_kind_from_the_question() -> None:
+    rng = random.Random(0)
+    for _ in range(60):
+        spec = sample_chart(rng, unique_max=True)
+        for kind in QUESTION_KINDS:
+            question, _answer, got = ask_question(spec, rng, kind)
+            assert question_kind(question) == got == kind
+    assert question_kind("What is the value of the pink bar?") is None
+    assert question_kind("How many bars are there? ") is None
+    assert question_kind("Is the red bar taller than the blue one?") is None
