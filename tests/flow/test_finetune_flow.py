@@ -149,3 +149,12 @@ def test_comparison_and_gallery_are_written_and_logged(demo_run):
     )[0]
     logged = {item.path for item in client.list_artifacts(report_run.info.run_id)}
     assert {"comparison.png", "comparison.md", "gallery.html"} <= logged
+
+
+def test_learning_proof_on_the_held_out_split(demo_run):
+    """The demo recipe teaches: SFT >= base + 30 points, DPO keeps it and prefers chosen answers."""
+    _recipe, result, _tmp = demo_run
+    base, sft, dpo = (result.metrics[m] for m in MODELS)
+    assert sft["relaxed_accuracy"] >= base["relaxed_accuracy"] + 0.30
+    assert dpo["preference_accuracy"] >= 0.90
+    assert dpo["relaxed_accuracy"] >= sft["relaxed_accuracy"] - 0.02
