@@ -125,17 +125,6 @@ def test_preference_loader_rejects_sft_source():
 # --- hub-style sources (datasets.load_dataset), offline --------------------------------
 
 
-@pytest.fixture
-def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """No hub access, and a datasets cache under tmp_path instead of the user's."""
-    import datasets
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    return datasets
-
 
 def _colour_image(i: int) -> Image.Image:
     return Image.new("RGB", (16, 12), (40 * i % 256, 200, 30))

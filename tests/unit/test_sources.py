@@ -31,17 +31,6 @@ from tasks.data import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """No hub access, and a datasets cache under tmp_path instead of the user's."""
-    import datasets
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    return datasets
-
 
 def write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
