@@ -431,11 +431,17 @@ def load_preference_rows(
     return _load_rows("preference", source, split, limit, seed, columns)
 
 
-def load_recipe_datasets(data: DataConfig) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-    """Every dataset a run uses, named by role: `sft/train`, `sft/eval`, `preference/train`, `preference/eval`.
+ROLES = ("sft/train", "sft/eval", "preference/train", "preference/eval")
 
-    Values are (kind, rows). Raises DataSourceError when a source's train and eval splits are
-    the same (evaluation would run on training rows) or a source cannot be read.
+
+def load_recipe_datasets(
+    data: DataConfig, roles: tuple[str, ...] = ROLES
+) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """The datasets a run uses, named by role (`sft/train`, `sft/eval`, `preference/train`, `preference/eval`).
+
+    Values are (kind, rows); `roles` picks a subset (evaluation needs only the held-out ones).
+    Raises DataSourceError when a source's train and eval splits are the same (evaluation
+    would run on training rows) or a source cannot be read.
     """
     preference_train = data.preference_train_split or data.train_split
     preference_eval = data.preference_eval_split or data.eval_split
@@ -446,20 +452,17 @@ def load_recipe_datasets(data: DataConfig) -> dict[str, tuple[str, list[dict[str
                 "Slice one split into two, e.g. train_split: 'train[:80%]', eval_split: 'train[80%:]'."
             )
     sft, prefs = data.sft_columns, data.preference_columns
-    return {
-        "sft/train": (
-            "sft", load_sft_rows(data.sft_source, data.train_split, data.max_train_samples, data.seed, columns=sft)),
-        "sft/eval": (
-            "sft", load_sft_rows(data.sft_source, data.eval_split, data.max_eval_samples, data.seed, columns=sft)),
-        "preference/train": (
-            "preference",
-            load_preference_rows(
-                data.preference_source, preference_train, data.max_preference_samples, data.seed, columns=prefs)),
-        "preference/eval": (
-            "preference",
-            load_preference_rows(
-                data.preference_source, preference_eval, data.max_eval_samples, data.seed, columns=prefs)),
+    loaders = {
+        "sft/train": lambda: load_sft_rows(
+            data.sft_source, data.train_split, data.max_train_samples, data.seed, columns=sft),
+        "sft/eval": lambda: load_sft_rows(
+            data.sft_source, data.eval_split, data.max_eval_samples, data.seed, columns=sft),
+        "preference/train": lambda: load_preference_rows(
+            data.preference_source, preference_train, data.max_preference_samples, data.seed, columns=prefs),
+        "preference/eval": lambda: load_preference_rows(
+            data.preference_source, preference_eval, data.max_eval_samples, data.seed, columns=prefs),
     }
+    return {role: (role.split("/")[0], loaders[role]()) for role in roles}
 
 
 def fingerprint_rows(rows: list[dict[str, Any]]) -> str:

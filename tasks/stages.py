@@ -84,13 +84,13 @@ def run_data_checks(recipe: Recipe, out_dir: Path) -> tuple[list[ValidationRepor
         kind, rows = loaded[name]
         held_out = reports.get(name.replace("/train", "/eval")) if name.endswith("/train") else None
         count_tokens, max_tokens = _token_counter(recipe, kind)
-        _kept, report = validate_rows(
+        _kept, data_report = validate_rows(
             rows, kind=kind, dataset=name, settings=settings, out_dir=out_dir,
             reference_keys=held_out.sample_keys if held_out else None,
             count_tokens=count_tokens, max_tokens=max_tokens,
         )
-        logger.info(report.summary())
-        reports[name] = report
+        logger.info(data_report.summary())
+        reports[name] = data_report
     return list(reports.values()), fingerprints
 
 
@@ -232,24 +232,16 @@ def fetch_registered_adapter(model_uri: str, run_dir: Path) -> dict:
 def prepare_eval_data(recipe: Recipe, run_dir: Path) -> EvalData:
     """Load the recipe's held-out splits, drop rows failing the checks, format them."""
     settings = ValidationSettings(**recipe.validation.model_dump())
-    d = recipe.data
-    held_out = {
-        "sft/eval": ("sft", data.load_sft_rows(
-            d.sft_source, d.eval_split, d.max_eval_samples,
-            d.seed, columns=d.sft_columns)),
-        "preference/eval": ("preference", data.load_preference_rows(
-            d.preference_source, d.preference_eval_split or d.eval_split,
-            d.max_eval_samples, d.seed, columns=d.preference_columns)),
-    }
+    held_out = data.load_recipe_datasets(recipe.data, roles=("sft/eval", "preference/eval"))
     folders = {}
     for name, (kind, rows) in held_out.items():
-        kept, report = validate_rows(rows, kind=kind, dataset=name, settings=settings, out_dir=run_dir / "validation")
-        logger.info(report.summary())
-        raise_if_failed([report])
+        kept, data_report = validate_rows(rows, kind=kind, dataset=name, settings=settings, out_dir=run_dir / "validation")
+        logger.info(data_report.summary())
+        raise_if_failed([data_report])
         save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
         path = run_dir / "data" / name.replace("/", "_")
-        folders[name] = str(save(kept, d.system_message, path,
-                                 image_longest_edge=d.image_longest_edge))
+        folders[name] = str(save(kept, recipe.data.system_message, path,
+                                 image_longest_edge=recipe.data.image_longest_edge))
     return EvalData(sft_eval=folders["sft/eval"], preference_eval=folders["preference/eval"])
 
 

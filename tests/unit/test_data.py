@@ -342,3 +342,14 @@ def test_preference_splits_can_differ_from_the_sft_splits():
     expected = make_chart_prefs_split("validation", 2, seed=5)
     assert [r["chosen"] for r in loaded["preference/eval"][1]] == [s["chosen"] for s in expected]
     assert [r["answer"] for r in loaded["sft/eval"][1]] == [s["label"][0] for s in make_chartqa_split("test", 2, seed=5)]
+
+
+def test_load_recipe_datasets_loads_only_the_roles_asked_for():
+    cfg = DataConfig(max_train_samples=5, max_preference_samples=4, max_eval_samples=3)
+    held_out = load_recipe_datasets(cfg, roles=("sft/eval", "preference/eval"))
+    assert {name: (kind, len(rows)) for name, (kind, rows) in held_out.items()} == {
+        "sft/eval": ("sft", 3), "preference/eval": ("preference", 3),
+    }
+    assert [r["question"] for r in held_out["sft/eval"][1]] == [
+        r["question"] for r in load_recipe_datasets(cfg)["sft/eval"][1]
+    ]
