@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from transformers.training_args import OptimizerNames
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,14 @@ class DataConfig(_Section):
         None,
         description="Source column -> internal column (question, answer, image), e.g. {query: question, label: answer}. "
         "None uses ChartQA's names.",
+    )
+    validation_split: str | None = Field(
+        None,
+        description="Split of the SFT source the trainer evaluates on during training (eval loss, early "
+        "stopping); ChartQA: `val`. Never the held-out eval split. None: no evaluation during training.",
+    )
+    preference_validation_split: str | None = Field(
+        None, description="Split of the preference source DPO evaluates on during training; None: none."
     )
     preference_columns: dict[str, str] | None = Field(
         None,
@@ -138,12 +147,26 @@ class LoraConfig(_Section):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear", description="`all-linear` or a list of module names.")
-    use_dora: bool = False
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (slower, often better at low rank).")
     init_lora_weights: bool | Literal["gaussian"] = True
+    # Ours, not PEFT's: turned into PEFT's `exclude_modules` for the loaded model (tasks/training.py).
+    language_model_only: bool = Field(
+        False,
+        description="Adapters on the language model only: the vision tower and the connector get none and "
+        "stay frozen as pretrained.",
+    )
+
+
+# transformers' optimizer names; the bitsandbytes ones (adamw_bnb_8bit, paged_adamw_8bit,
+# paged_adamw_32bit) also run on CPU with bitsandbytes 0.50, where "paged" has no effect.
+OPTIMIZERS = tuple(name.value for name in OptimizerNames)
 
 
 class TrainerConfig(_Section):
-    """transformers TrainingArguments fields shared by SFT and DPO, passed through unchanged."""
+    """transformers TrainingArguments fields shared by SFT and DPO, passed through unchanged.
+
+    Exception: `early_stopping_patience` is ours (transformers' EarlyStoppingCallback takes it).
+    """
 
     learning_rate: float = Field(2e-4, gt=0)
     max_steps: int = Field(-1, description="Optimizer steps; -1 means use num_train_epochs.")
@@ -152,14 +175,54 @@ class TrainerConfig(_Section):
     per_device_train_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optim: str = Field("adamw_torch", description="Any transformers optimizer name, e.g. paged_adamw_8bit.")
-    gradient_checkpointing: bool = False
-    bf16: bool = False
+    optim: str = Field(
+        "adamw_torch",
+        description="A transformers optimizer name: adamw_torch, adamw_bnb_8bit (8-bit states), paged_adamw_8bit, ...",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    bf16: bool = Field(False, description="bf16 mixed precision (needs a GPU with bf16, or a recent CPU).")
+    fp16: bool = Field(False, description="fp16 mixed precision (GPU only).")
     logging_steps: int = Field(10, ge=1)
+    eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="Evaluate on data.validation_split during training."
+    )
+    eval_steps: int | None = Field(None, ge=1)
+    save_strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="Checkpoints; a rerun of a killed run resumes from the last one."
+    )
+    save_steps: int = Field(500, ge=1, description="Checkpoint every this many optimizer steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept on disk.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a lower validation loss."
+    )
     seed: int = 42
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, optim: str) -> str:
+        if optim not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optim!r}; e.g. adamw_torch, adamw_bnb_8bit, paged_adamw_8bit")
+        return optim
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluation(self) -> TrainerConfig:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.bf16 and self.fp16:
+            raise ValueError("set bf16 or fp16 mixed precision, not both")
+        if self.early_stopping_patience is not None:
+            if self.eval_strategy == "no":
+                raise ValueError("early_stopping_patience needs eval_strategy 'steps' or 'epoch' (and a validation split)")
+            if self.save_strategy != self.eval_strategy:
+                raise ValueError(
+                    "early stopping keeps the best checkpoint, so save_strategy must equal eval_strategy "
+                    f"(got save_strategy={self.save_strategy!r}, eval_strategy={self.eval_strategy!r})"
+                )
+        return self
 
 
 class SFTConfig(TrainerConfig):
@@ -175,8 +238,24 @@ class DPOConfig(TrainerConfig):
 
     learning_rate: float = Field(5e-5, gt=0)
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (SFT) policy.")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero",
+        "apo_down", "sigmoid_norm",
+    ] = Field("sigmoid", description="TRL's DPO loss: sigmoid is the paper's; ipo, robust, apo_zero, ... are variants.")
     max_length: int | None = None
+
+
+class ResourcesConfig(_Section):
+    """Where training runs."""
+
+    num_processes: int = Field(
+        1, ge=1,
+        description="Training processes on this machine; above 1 SFT and DPO run under torchrun (DDP), one per GPU.",
+    )
+    min_per_device_train_batch_size: int = Field(
+        1, ge=1,
+        description="On out-of-memory the per-device batch is halved (accumulation doubled) down to this size.",
+    )
 
 
 class EvaluationConfig(_Section):
@@ -207,8 +286,28 @@ class Recipe(_Section):
     lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     dpo: DPOConfig = DPOConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _evaluation_during_training_needs_a_validation_split(self) -> Recipe:
+        for stage, split_field in (("sft", "validation_split"), ("dpo", "preference_validation_split")):
+            split = getattr(self.data, split_field)
+            if getattr(self, stage).eval_strategy != "no" and split is None:
+                raise ValueError(
+                    f"{stage}.eval_strategy is {getattr(self, stage).eval_strategy!r} but data.{split_field} is not set: "
+                    f"name the split to evaluate on during training (ChartQA: val), or set {stage}.eval_strategy: no"
+                )
+        held_out = {self.data.eval_split.strip(), (self.data.preference_eval_split or self.data.eval_split).strip()}
+        for split_field in ("validation_split", "preference_validation_split"):
+            split = getattr(self.data, split_field)
+            if split is not None and split.strip() in held_out:
+                raise ValueError(
+                    f"data.{split_field} is the held-out eval split {split!r}: choosing checkpoints on it would "
+                    "leak it into the final evaluation; use a separate split (ChartQA: val for validation, test for eval)"
+                )
+        return self
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -239,6 +338,9 @@ def _describe_errors(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}' (check its spelling; see tasks/config.py for the fields)")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # a check across fields: echoing the whole section back would bury the message
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -434,12 +434,20 @@ def load_preference_rows(
 ROLES = ("sft/train", "sft/eval", "preference/train", "preference/eval")
 
 
-def load_recipe_datasets(
-    data: DataConfig, roles: tuple[str, ...] = ROLES
-) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-    """The datasets a run uses, named by role (`sft/train`, `sft/eval`, `preference/train`, `preference/eval`).
+def recipe_roles(data: DataConfig) -> tuple[str, ...]:
+    """The roles a recipe uses: always ROLES, plus `*/validation` where a validation split is named."""
+    optional = (("sft/validation", data.validation_split), ("preference/validation", data.preference_validation_split))
+    return ROLES + tuple(role for role, split in optional if split is not None)
 
-    Values are (kind, rows); `roles` picks a subset (evaluation needs only the held-out ones).
+
+def load_recipe_datasets(
+    data: DataConfig, roles: tuple[str, ...] | None = None
+) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """The datasets a run uses, named by role (`sft/train`, `sft/eval`, `preference/train`, `preference/eval`,
+    and `sft/validation` / `preference/validation` when the recipe names those splits).
+
+    Values are (kind, rows); `roles` picks a subset (evaluation needs only the held-out ones),
+    None takes every role of the recipe.
     Raises DataSourceError when a source's train and eval splits are the same (evaluation
     would run on training rows) or a source cannot be read.
     """
@@ -461,8 +469,12 @@ def load_recipe_datasets(
             data.preference_source, preference_train, data.max_preference_samples, data.seed, columns=prefs),
         "preference/eval": lambda: load_preference_rows(
             data.preference_source, preference_eval, data.max_eval_samples, data.seed, columns=prefs),
+        "sft/validation": lambda: load_sft_rows(
+            data.sft_source, data.validation_split, data.max_eval_samples, data.seed, columns=sft),
+        "preference/validation": lambda: load_preference_rows(
+            data.preference_source, data.preference_validation_split, data.max_eval_samples, data.seed, columns=prefs),
     }
-    return {role: (role.split("/")[0], loaders[role]()) for role in roles}
+    return {role: (role.split("/")[0], loaders[role]()) for role in (roles or recipe_roles(data))}
 
 
 def fingerprint_rows(rows: list[dict[str, Any]]) -> str:
