@@ -143,3 +143,30 @@ def test_count_sample_tokens_is_the_collated_length(
     for i, row in enumerate(preference_rows):
         sample = to_preference_sample(row, SYSTEM)
         assert count_sample_tokens(processor, sample) == max(lengths[i], lengths[i + half])
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", ["q_proj", "v_proj"]])
+def test_language_model_only_keeps_adapters_off_the_vision_tower(family_dir, target_modules):
+    """`lora.language_model_only` finds each family's language model itself (no module names hard-coded)."""
+    import peft
+
+    name, path = family_dir
+    adapted_modules = {}
+    for language_model_only in (False, True):
+        recipe = Recipe()
+        recipe.model.name_or_path = str(path)
+        recipe.lora.target_modules = target_modules
+        recipe.lora.language_model_only = language_model_only
+        model = load_model(recipe.model, recipe.quantization)
+        decoder_prefix = next(n for n, module in model.named_modules() if module is model.get_decoder())
+        peft_model = peft.get_peft_model(model, lora_config(recipe, model))
+        adapted_modules[language_model_only] = [
+            n for n, module in peft_model.base_model.model.named_modules() if hasattr(module, "lora_A")
+        ]
+        assert adapted_modules[language_model_only], f"{name}: no module got an adapter"
+    outside = [n for n in adapted_modules[False] if not n.startswith(decoder_prefix + ".")]
+    # Qwen2-VL's vision blocks fuse q/k/v into one `qkv` layer: q_proj/v_proj only exist in its language model.
+    fused_vision_attention = name == "qwen2-vl" and target_modules != "all-linear"
+    assert outside or fused_vision_attention, f"{name}: no {target_modules} module outside the language model"
+    assert all(n.startswith(decoder_prefix + ".") for n in adapted_modules[True]), adapted_modules[True]
+    assert set(adapted_modules[True]) == set(adapted_modules[False]) - set(outside)
