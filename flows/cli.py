@@ -4,7 +4,8 @@
     vlmops validate -c configs/demo.yaml [--set ...]
     vlmops evaluate models:/NAME@candidate -c configs/demo.yaml [--set ...]
 
-Exit codes: 0 done, 1 the data failed its checks, 2 the recipe is invalid.
+Exit codes: 0 done, 1 the data failed its checks, 2 the recipe is invalid, 3 this machine
+cannot run the recipe (said before any model loads: fp16 without a GPU, weights too big, ...).
 """
 
 from __future__ import annotations
@@ -105,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.finetune import finetune
+    from tasks.models import HardwareError
 
     try:
         result = finetune(recipe)
     except DataValidationError as error:
         print(error, file=sys.stderr)
         return 1
+    except HardwareError as error:
+        print(error, file=sys.stderr)
+        return 3
     print(format_summary(result))
     return 0
 

@@ -196,6 +196,9 @@ class TrainerConfig(_Section):
     )
     save_steps: int = Field(500, ge=1, description="Checkpoint every this many optimizer steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept on disk.")
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="Under torchrun: false skips DDP's search for unused parameters (faster) when none are."
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a lower validation loss."
     )

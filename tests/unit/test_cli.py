@@ -41,3 +41,18 @@ def test_console_script_is_installed():
     completed = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0
     assert "validate" in completed.stdout and "run" in completed.stdout
+
+
+def test_a_recipe_this_machine_cannot_run_exits_3_before_training(prefect_harness, tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("fp16 runs on a GPU: this checks the CPU refusal")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["run", "-c", DEMO, *SMALL, "--set", "sft.fp16=true"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot run the recipe" in err and "sft.fp16 mixed precision needs a GPU" in err
+    assert not list(tmp_path.glob("runs/*/sft")), "training started although the hardware check failed"
