@@ -4,7 +4,8 @@ Stages:
 1. start the MLflow parent run (the recipe, flattened, as parameters);
 2. validate every dataset with Great Expectations; stop before any model loads if it fails;
 3. format SFT (prompt + completion) and preference (prompt, chosen, rejected) samples;
-4. prepare the base model (the offline tiny SmolVLM is built once and cached);
+4. prepare the base model (the offline tiny SmolVLM is built once and cached), estimate its
+   memory and refuse, before loading, a recipe this machine cannot run;
 5. SFT with a LoRA adapter on the base loaded as the recipe asks (bf16 / 8-bit / 4-bit);
 6. DPO from the SFT adapter, the SFT policy as reference;
 7. evaluate base, SFT and DPO on the same held-out split; write the comparison and gallery;
@@ -46,9 +47,9 @@ def finetune(recipe: Recipe) -> FinetuneResult:
         formatted = stages.format_dataset(recipe, run_dir, quarantined)
 
         # training: SFT adapter first, DPO continues it
-        stages.prepare_base_model(recipe)
-        sft_adapter = stages.train_sft_adapter(recipe, formatted.sft_train, run_dir, parent_run_id)
-        dpo_adapter = stages.train_dpo_adapter(recipe, sft_adapter, formatted.preference_train, run_dir, parent_run_id)
+        stages.prepare_base_model(recipe, parent_run_id)
+        sft_adapter = stages.train_sft_adapter(recipe, formatted, run_dir, parent_run_id)
+        dpo_adapter = stages.train_dpo_adapter(recipe, sft_adapter, formatted, run_dir, parent_run_id)
 
         # evaluation: the same held-out data and decoding for all three models
         metrics = {

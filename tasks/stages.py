@@ -20,9 +20,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import data, evaluation, formatting, report, tracking, training
+import mlflow
+
+from tasks import data, distributed, evaluation, formatting, memory, report, tracking, training
 from tasks.config import QuantizationConfig, Recipe
-from tasks.models import load_processor, resolve_model_path
+from tasks.models import check_hardware, load_processor, resolve_model_path
 from tasks.tiny_model import TINY_SMOLVLM
 from tasks.validation import ValidationReport, ValidationSettings, raise_if_failed, validate_rows
 
@@ -37,6 +39,9 @@ class FormattedData:
     sft_eval: str
     preference_train: str
     preference_eval: str
+    # evaluated on during training (eval loss, early stopping) when the recipe names the splits
+    sft_validation: str | None = None
+    preference_validation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ def run_data_checks(recipe: Recipe, out_dir: Path) -> tuple[list[ValidationRepor
     loaded = data.load_recipe_datasets(recipe.data)
     reports: dict[str, ValidationReport] = {}
     fingerprints = {name: data.fingerprint_rows(rows) for name, (_kind, rows) in loaded.items()}
-    for name in ("sft/eval", "preference/eval", "sft/train", "preference/train"):
+    validation_roles = [name for name in loaded if name.endswith("/validation")]
+    for name in ("sft/eval", "preference/eval", *validation_roles, "sft/train", "preference/train"):
         kind, rows = loaded[name]
         held_out = reports.get(name.replace("/train", "/eval")) if name.endswith("/train") else None
         count_tokens, max_tokens = _token_counter(recipe, kind)
@@ -136,27 +142,99 @@ def format_dataset(recipe: Recipe, run_dir: Path, quarantined: dict[str, list[st
         sft_eval=folders["sft/eval"],
         preference_train=folders["preference/train"],
         preference_eval=folders["preference/eval"],
+        sft_validation=folders.get("sft/validation"),
+        preference_validation=folders.get("preference/validation"),
     )
 
 
 @task(name="prepare-base-model", task_run_name="prepare {recipe.model.name_or_path}", cache_policy=NO_CACHE)
-def prepare_base_model(recipe: Recipe) -> str:
-    """Resolve the base model to a loadable path; builds (once, then cached) the offline tiny SmolVLM."""
-    return resolve_model_path(recipe.model.name_or_path)
+def prepare_base_model(recipe: Recipe, parent_run_id: str) -> str:
+    """Resolve the base model (the offline tiny SmolVLM is built once, then cached) and check it fits.
+
+    Estimates the weights' memory in the recipe's quantization from the model's config
+    alone and logs it; raises HardwareError, before any weight loads, when this machine
+    cannot run the recipe (see tasks/models.py).
+    """
+    path = resolve_model_path(recipe.model.name_or_path)
+    config = memory.load_model_config(path, recipe.model.revision, recipe.model.trust_remote_code)
+    estimate = memory.estimate_weight_memory(
+        config, recipe.model.dtype, recipe.quantization.mode,
+        bnb_4bit_use_double_quant=recipe.quantization.bnb_4bit_use_double_quant,
+    )
+    logger.info(
+        "%s in %s / quantization %s: weights need about %s (%d parameters quantized, %d kept in %s)",
+        recipe.model.name_or_path, recipe.model.dtype, recipe.quantization.mode, memory.format_bytes(estimate.total_bytes),
+        estimate.quantized_params, estimate.other_params, recipe.model.dtype,
+    )
+    tracking.log_params(parent_run_id, {
+        "model.estimated_weight_bytes": estimate.total_bytes,
+        "model.parameters": estimate.quantized_params + estimate.other_params,
+    })
+    check_hardware(recipe, estimated_weight_bytes=estimate.total_bytes)
+    return path
+
+
+def _log_training_summary(stage_dir: Path) -> None:
+    """Log what training measured (parameter counts, footprint, the batch actually used) on the active stage run."""
+    summary = json.loads((stage_dir / "training_summary.json").read_text())
+    # Names differ from TrainingArguments' (which the trainer logs as the recipe asked), since the
+    # batch may have been lowered on out-of-memory.
+    mlflow.log_params({
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+        "per_device_train_batch_size_used": summary["per_device_train_batch_size"],
+        "gradient_accumulation_steps_used": summary["gradient_accumulation_steps"],
+        "world_size": summary["world_size"],
+    })
+    mlflow.log_metric("memory_footprint_mib", summary["memory_footprint_bytes"] / 2**20)
+    mlflow.log_artifact(str(stage_dir / "training_summary.json"))
+
+
+def _optional_path(path: str | None) -> Path | None:
+    return Path(path) if path else None
 
 
 @task(name="train-sft", task_run_name="sft {recipe.name} r{recipe.lora.r}", cache_policy=NO_CACHE, tags=["gpu"])
-def train_sft_adapter(recipe: Recipe, train_path: str, run_dir: Path, parent_run_id: str) -> str:
-    """SFT with a LoRA adapter; the trainer's curves go to a nested `sft` MLflow run. Returns the adapter folder."""
-    with tracking.stage_run(parent_run_id, "sft"):
-        return str(training.train_sft(recipe, Path(train_path), run_dir / "sft", report_to=["mlflow"]))
+def train_sft_adapter(recipe: Recipe, formatted: FormattedData, run_dir: Path, parent_run_id: str) -> str:
+    """SFT with a LoRA adapter; the trainer's curves go to a nested `sft` MLflow run. Returns the adapter folder.
+
+    With `resources.num_processes > 1` the same training runs under torchrun (tasks/distributed.py).
+    """
+    out = run_dir / "sft"
+    with tracking.stage_run(parent_run_id, "sft") as run:
+        if recipe.resources.num_processes > 1:
+            adapter = distributed.launch_training(
+                "sft", recipe, out, train_path=Path(formatted.sft_train),
+                eval_path=_optional_path(formatted.sft_validation), report_to=["mlflow"],
+                env={"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_TRACKING_URI": tracking.tracking_uri()},
+            )
+        else:
+            adapter = training.train_sft(
+                recipe, Path(formatted.sft_train), out, report_to=["mlflow"],
+                eval_path=_optional_path(formatted.sft_validation),
+            )
+        _log_training_summary(out)
+    return str(adapter)
 
 
 @task(name="train-dpo", task_run_name="dpo {recipe.name} beta{recipe.dpo.beta}", cache_policy=NO_CACHE, tags=["gpu"])
-def train_dpo_adapter(recipe: Recipe, sft_adapter: str, preference_path: str, run_dir: Path, parent_run_id: str) -> str:
+def train_dpo_adapter(recipe: Recipe, sft_adapter: str, formatted: FormattedData, run_dir: Path, parent_run_id: str) -> str:
     """DPO from the SFT adapter (the SFT policy is the reference); curves go to a nested `dpo` run."""
-    with tracking.stage_run(parent_run_id, "dpo"):
-        return str(training.train_dpo(recipe, Path(sft_adapter), Path(preference_path), run_dir / "dpo", ["mlflow"]))
+    out = run_dir / "dpo"
+    with tracking.stage_run(parent_run_id, "dpo") as run:
+        if recipe.resources.num_processes > 1:
+            adapter = distributed.launch_training(
+                "dpo", recipe, out, train_path=Path(formatted.preference_train), sft_adapter_dir=Path(sft_adapter),
+                eval_path=_optional_path(formatted.preference_validation), report_to=["mlflow"],
+                env={"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_TRACKING_URI": tracking.tracking_uri()},
+            )
+        else:
+            adapter = training.train_dpo(
+                recipe, Path(sft_adapter), Path(formatted.preference_train), out, ["mlflow"],
+                eval_path=_optional_path(formatted.preference_validation),
+            )
+        _log_training_summary(out)
+    return str(adapter)
 
 
 @task(name="evaluate-model", task_run_name="evaluate {label}", cache_policy=NO_CACHE)

@@ -66,3 +66,21 @@ def test_dpo_moves_the_policy_away_from_the_sft_adapter(trained):
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not (dpo_adapter / "ref").exists()
+
+
+@pytest.mark.parametrize("lora, sft", [
+    ({"use_dora": True, "init_lora_weights": "gaussian"}, {}),  # the SmolVLM recipe's adapter
+    ({}, {"gradient_checkpointing": True}),
+])
+def test_dora_and_gradient_checkpointing_train_on_the_4bit_base(tiny_model_dir, tmp_path, lora, sft):
+    recipe = recipe_from_dict({
+        "quantization": {"mode": "4bit"},
+        "lora": lora,
+        "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, **sft},
+    })
+    data = save_sft_dataset(load_sft_rows(CHARTQA_SYNTH, "train", 8), SYSTEM, tmp_path / "sft")
+    adapter = train_sft(recipe, data, tmp_path / "out")
+    weights = _adapter_weights(adapter)
+    if lora.get("use_dora"):
+        assert any("lora_magnitude_vector" in name for name in weights), "no DoRA magnitude vectors saved"
+    assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
