@@ -277,6 +277,25 @@ class RegistryConfig(_Section):
     candidate_alias: str = Field("candidate", description="Alias every new version gets.")
 
 
+class PromotionConfig(_Section):
+    """The gate a new adapter version must pass to become the registered model's champion."""
+
+    enabled: bool = Field(True, description="Run the gate after registering; off leaves the version a candidate only.")
+    primary_metric: str = Field("relaxed_accuracy", description="Evaluation metric that must improve.")
+    min_improvement: float = Field(
+        0.01, ge=0, description="The primary metric must beat the champion's by at least this much."
+    )
+    guard_metrics: dict[str, float] = Field(
+        default_factory=lambda: {"preference_accuracy": 0.02},
+        description="Metric -> largest drop allowed against the champion, e.g. {preference_accuracy: 0.02}.",
+    )
+    min_primary: float = Field(
+        0.0, description="Absolute floor: the first version (no champion yet) is promoted only at or above it."
+    )
+    champion_alias: str = "champion"
+    previous_alias: str = Field("previous", description="Alias the replaced champion gets (what rollback returns to).")
+
+
 class Recipe(_Section):
     """A whole fine-tuning run: data, checks, model, quantization, LoRA, SFT, DPO, evaluation, registry."""
 
@@ -292,6 +311,7 @@ class Recipe(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")
     def _evaluation_during_training_needs_a_validation_split(self) -> Recipe:

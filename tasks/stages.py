@@ -19,11 +19,15 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 
 import mlflow
+import pandas as pd
 
-from tasks import data, distributed, evaluation, formatting, memory, report, tracking, training
-from tasks.config import QuantizationConfig, Recipe
+from mlflow import MlflowClient
+
+from tasks import data, distributed, evaluation, formatting, memory, promotion, report, tracking, training
+from tasks.config import PromotionConfig, QuantizationConfig, Recipe
 from tasks.models import check_hardware, load_processor, resolve_model_path
 from tasks.tiny_model import TINY_SMOLVLM
 from tasks.validation import ValidationReport, ValidationSettings, raise_if_failed, validate_rows
@@ -51,10 +55,23 @@ class RegisteredAdapter:
     alias: str
 
 
+@task(name="check-tracking-server", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def check_tracking_server() -> str:
+    """Fail at once, before any data or model work, when MLflow's tracking store or registry does not answer."""
+    tracking.check_tracking_available()
+    return tracking.tracking_uri()
+
+
+def _flow_run_url(flow_run_id: str | None) -> str | None:
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui and flow_run_id else None
+
+
 @task(name="start-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def start_tracking_run(recipe: Recipe) -> str:
-    """Create the MLflow parent run holding the recipe; returns its id."""
-    tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
+    """Create the MLflow parent run holding the recipe and the lineage tags; returns its id."""
+    flow_run_id = flow_run.get_id()
+    tags = tracking.lineage_tags(recipe, str(flow_run_id) if flow_run_id else None, _flow_run_url(flow_run_id))
     return tracking.start_pipeline_run(recipe, tags)
 
 
@@ -73,10 +90,33 @@ def _token_counter(recipe: Recipe, kind: str) -> tuple[Callable[[dict], int] | N
     return count_tokens, max_tokens
 
 
-def run_data_checks(recipe: Recipe, out_dir: Path) -> tuple[list[ValidationReport], dict[str, str]]:
+@dataclass(frozen=True)
+class CheckedData:
+    """What the data checks found: one report and one content fingerprint per dataset, by role."""
+
+    reports: list[ValidationReport]
+    fingerprints: dict[str, str]
+    loaded: dict[str, tuple[str, list[dict]]]
+
+
+def _split_of(recipe: Recipe, role: str) -> tuple[str, str]:
+    """(source, split) a dataset role reads."""
+    d = recipe.data
+    splits = {
+        "sft/train": (d.sft_source, d.train_split),
+        "sft/eval": (d.sft_source, d.eval_split),
+        "sft/validation": (d.sft_source, d.validation_split),
+        "preference/train": (d.preference_source, d.preference_train_split or d.train_split),
+        "preference/eval": (d.preference_source, d.preference_eval_split or d.eval_split),
+        "preference/validation": (d.preference_source, d.preference_validation_split),
+    }
+    return splits[role]
+
+
+def run_data_checks(recipe: Recipe, out_dir: Path) -> CheckedData:
     """Load every dataset of the recipe and run its GX suite. Raises nothing on bad data.
 
-    Returns one report per dataset and each dataset's content fingerprint, by name.
+    Returns one report per dataset, each dataset's content fingerprint and the loaded rows, by role.
 
     Held-out splits are checked first: their sample keys (image + question) guard the
     training splits, so a leaked pair is dropped from training and the held-out set stays fixed.
@@ -97,14 +137,18 @@ def run_data_checks(recipe: Recipe, out_dir: Path) -> tuple[list[ValidationRepor
         )
         logger.info(data_report.summary())
         reports[name] = data_report
-    return list(reports.values()), fingerprints
+    return CheckedData(list(reports.values()), fingerprints, loaded)
+
+
+def _text_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows' text columns and image paths, no pixels: what MLflow shows of a dataset input."""
+    return pd.DataFrame([{k: v for k, v in row.items() if k not in ("image", "image_error")} for row in rows])
 
 
 @task(name="check-data", task_run_name="check data {recipe.name}", cache_policy=NO_CACHE)
 def check_data(recipe: Recipe, out_dir: Path) -> list[ValidationReport]:
     """The data checks alone (for `vlmops validate`): reports, no tracking, no exception."""
-    reports, _fingerprints = run_data_checks(recipe, out_dir)
-    return reports
+    return run_data_checks(recipe, out_dir).reports
 
 
 @task(name="validate-dataset", task_run_name="validate {recipe.name}", cache_policy=NO_CACHE)
@@ -115,9 +159,14 @@ def validate_dataset(recipe: Recipe, run_dir: Path, parent_run_id: str) -> dict[
     report naming checks, counts and the quarantine file, when a dataset fails more rows
     than `validation.max_failed_fraction` allows: the run stops before any model loads.
     """
-    reports, fingerprints = run_data_checks(recipe, run_dir / "validation")
+    checked = run_data_checks(recipe, run_dir / "validation")
+    reports = checked.reports
     tracking.tag_run(parent_run_id, {
-        f"vlmops.data.{name.replace('/', '.')}.fingerprint": value for name, value in fingerprints.items()
+        f"vlmops.data.{name.replace('/', '.')}.fingerprint": value for name, value in checked.fingerprints.items()
+    })
+    tracking.log_dataset_inputs(parent_run_id, {
+        name: (*_split_of(recipe, name), checked.fingerprints[name], _text_frame(rows))
+        for name, (_kind, rows) in checked.loaded.items()
     })
     artifacts = [path for r in reports for path in (r.gx_result_path, r.quarantine_path, r.data_docs_path)]
     metrics = {f"{r.dataset.replace('/', '.')}.failed_rows": float(r.n_failed_rows) for r in reports}
@@ -186,6 +235,9 @@ def _log_training_summary(stage_dir: Path) -> None:
         "gradient_accumulation_steps_used": summary["gradient_accumulation_steps"],
         "world_size": summary["world_size"],
     })
+    resolved = {f"peft.{k}": v for k, v in summary["peft_config"].items()}
+    resolved |= {f"bnb.{k}": v for k, v in (summary["quantization_config"] or {}).items()}
+    mlflow.log_params({key: str(value)[:6000] for key, value in resolved.items() if value not in (None, "", [], {})})
     mlflow.log_metric("memory_footprint_mib", summary["memory_footprint_bytes"] / 2**20)
     mlflow.log_artifact(str(stage_dir / "training_summary.json"))
 
@@ -274,15 +326,71 @@ def register_adapter(
     """Log all models' metrics, register the adapter as a new version, alias it `candidate`."""
     tracking.log_comparison(parent_run_id, metrics_by_model)
     base_model_dir = resolve_model_path(TINY_SMOLVLM) if recipe.model.name_or_path == TINY_SMOLVLM else None
-    version_tags = {
-        "vlmops.run_id": parent_run_id,
-        "vlmops.base_model": recipe.model.name_or_path,
-        **{f"metric.{name}": f"{value:.4f}" for name, value in metrics_by_model["dpo"].items()},
-    }
+    # lineage (base model, data fingerprints, commit, Prefect run) is copied from the run by register_adapter
+    version_tags = {f"metric.{name}": f"{value:.6f}" for name, value in metrics_by_model["dpo"].items()}
     name, version = tracking.register_adapter(
         parent_run_id, recipe, Path(adapter_dir), Path(base_model_dir) if base_model_dir else None, version_tags
     )
     return RegisteredAdapter(name=name, version=version, alias=recipe.registry.candidate_alias)
+
+
+@task(name="promote-if-better", task_run_name="gate {registered.name} v{registered.version}", retries=2,
+      retry_delay_seconds=5, cache_policy=NO_CACHE)
+def promote_if_better(
+    recipe: Recipe, registered: RegisteredAdapter, formatted: FormattedData, run_dir: Path, parent_run_id: str
+) -> promotion.Decision | None:
+    """The promotion gate: the new version becomes champion only if it beats the current one.
+
+    Champion and candidate are compared on the same held-out data: when the champion was
+    evaluated on other data (its fingerprint tags differ), it is evaluated again here on
+    this run's. The decision is written to the version's tags and the run. None when the
+    recipe turns the gate off.
+    """
+    if not recipe.promotion.enabled:
+        return None
+    policy, name = recipe.promotion, registered.name
+    client = MlflowClient(tracking.tracking_uri())
+    with promotion.registry_lock(name):
+        candidate = client.get_model_version(name, registered.version)
+        champion = promotion.alias_version(client, name, policy.champion_alias)
+        champion_metrics = None
+        if champion is not None:
+            if promotion.same_eval_data(candidate, champion):
+                champion_metrics = promotion.version_metrics(champion)
+            else:
+                logger.info("champion version %s was evaluated on other data: evaluating it on this run's", champion.version)
+                champion_metrics = _evaluate_version(
+                    recipe, f"models:/{name}/{champion.version}", formatted, run_dir / "champion", parent_run_id
+                )
+        decision = promotion.decide(
+            promotion.version_metrics(candidate), champion_metrics, policy,
+            str(champion.version) if champion is not None else None,
+        )
+        promotion.record_decision(client, name, registered.version, decision, parent_run_id)
+        if decision.promote:
+            promotion.move_champion(client, name, registered.version, policy)
+    logger.info("promotion of %s version %s: %s", name, registered.version, decision.reason)
+    return decision
+
+
+def _evaluate_version(recipe: Recipe, model_uri: str, formatted: FormattedData, out_dir: Path, parent_run_id: str):
+    """Metrics of a registered version on this run's held-out data, logged as a nested run."""
+    registered = tracking.download_registered_adapter(model_uri, out_dir)
+    metrics, _predictions = evaluation.evaluate_model(
+        _as_trained(recipe, registered), registered["adapter_dir"], formatted.sft_eval, formatted.preference_eval
+    )
+    tracking.log_stage_artifacts(parent_run_id, f"evaluate {model_uri}", [], metrics)
+    return metrics
+
+
+def _as_trained(recipe: Recipe, registered: dict) -> Recipe:
+    """The recipe with the base model and quantization a registered adapter was trained on."""
+    return recipe.model_copy(update={
+        "model": recipe.model.model_copy(update={
+            "name_or_path": registered["base_model"], "revision": registered["revision"], "dtype": registered["dtype"],
+        }),
+        "quantization": QuantizationConfig(**registered["quantization"]),
+    })
 
 
 @task(name="finish-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -326,17 +434,26 @@ def prepare_eval_data(recipe: Recipe, run_dir: Path) -> EvalData:
 @task(name="evaluate-registered", task_run_name="evaluate {registered[model_uri]}", cache_policy=NO_CACHE)
 def evaluate_registered(recipe: Recipe, registered: dict, eval_data: EvalData, run_dir: Path) -> dict[str, float]:
     """Evaluate a registered adapter on its own base (as it was trained) and the recipe's held-out data."""
-    as_trained = recipe.model_copy(update={
-        "model": recipe.model.model_copy(update={
-            "name_or_path": registered["base_model"], "revision": registered["revision"], "dtype": registered["dtype"],
-        }),
-        "quantization": QuantizationConfig(**registered["quantization"]),
-    })
     metrics, predictions = evaluation.evaluate_model(
-        as_trained, registered["adapter_dir"], eval_data.sft_eval, eval_data.preference_eval
+        _as_trained(recipe, registered), registered["adapter_dir"], eval_data.sft_eval, eval_data.preference_eval
     )
     predictions_path = run_dir / "evaluation" / "predictions.json"
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     predictions_path.write_text(json.dumps(predictions, indent=1))
     tracking.log_evaluation_run(recipe.registry.experiment_name, registered["model_uri"], metrics, [predictions_path])
     return metrics
+
+
+@task(name="promote-version", task_run_name="promote {name} v{version}", cache_policy=NO_CACHE)
+def promote_version(name: str, version: str, policy: PromotionConfig) -> dict[str, str | None]:
+    """Make a version champion by hand (no gate); the replaced champion becomes `previous`."""
+    client = MlflowClient(tracking.tracking_uri())
+    replaced = promotion.promote_by_hand(client, name, version, policy)
+    return {"champion": version, "previous": replaced}
+
+
+@task(name="rollback-champion", task_run_name="rollback {name}", cache_policy=NO_CACHE)
+def rollback_champion(name: str, policy: PromotionConfig) -> dict[str, str | None]:
+    """Give `champion` back to the `previous` version."""
+    champion, rolled_back = promotion.rollback(MlflowClient(tracking.tracking_uri()), name, policy)
+    return {"champion": champion, "rolled_back": rolled_back}

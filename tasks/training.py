@@ -266,6 +266,10 @@ def _finish(outcome: TrainingOutcome, output_dir: Path, stage_name: str, selecte
             "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
             "world_size": world_size,
             "resumed_from": outcome.resumed_from,
+            # the settings as the libraries resolved them (defaults filled in), for the stage's MLflow run
+            "peft_config": _jsonable(model.peft_config["default"].to_dict()),
+            "quantization_config": _jsonable(quantization.to_dict()) if (
+                quantization := getattr(model.config, "quantization_config", None)) is not None else None,
         }
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
         logger.info(
@@ -273,6 +277,22 @@ def _finish(outcome: TrainingOutcome, output_dir: Path, stage_name: str, selecte
             stage_name, summary["global_step"], trainable, total, 100 * trainable / total, adapter_dir,
         )
     return adapter_dir
+
+
+def _jsonable(settings: dict) -> dict:
+    """Library settings as JSON values: sets become sorted lists, dtypes and enums their names."""
+    def convert(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(str(v) for v in value)
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): convert(v) for k, v in value.items()}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return str(value)
+
+    return convert(settings)
 
 
 def train_sft(

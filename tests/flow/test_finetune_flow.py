@@ -158,3 +158,81 @@ def test_learning_proof_on_the_held_out_split(demo_run):
     assert sft["relaxed_accuracy"] >= base["relaxed_accuracy"] + 0.30
     assert dpo["preference_accuracy"] >= 0.90
     assert dpo["relaxed_accuracy"] >= sft["relaxed_accuracy"] - 0.02
+
+
+def _all_runs(client: MlflowClient, result):
+    experiment_id = client.get_run(result.run_id).info.experiment_id
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    return [client.get_run(result.run_id), *children]
+
+
+def test_every_run_and_the_version_carry_the_lineage_tags(demo_run):
+    recipe, result, _tmp = demo_run
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    lineage = {key: parent.data.tags[key] for key in (
+        "vlmops.base_model", "vlmops.base_model_revision", "vlmops.git_commit", "prefect.flow_run_id",
+        "vlmops.data.sft.train.fingerprint", "vlmops.data.sft.eval.fingerprint",
+        "vlmops.data.preference.train.fingerprint", "vlmops.data.preference.eval.fingerprint",
+    )}
+    assert lineage["vlmops.base_model"] == "builtin:tiny-smolvlm"
+    assert len(lineage["vlmops.git_commit"].removesuffix("-dirty")) == 40
+    assert parent.data.tags["mlflow.source.git.commit"] == lineage["vlmops.git_commit"].removesuffix("-dirty")
+    runs = _all_runs(client, result)
+    assert len(runs) >= 7
+    for run in runs:
+        missing = {k: v for k, v in lineage.items() if run.data.tags.get(k) != v}
+        assert not missing, f"run {run.info.run_name!r} lacks {sorted(missing)}"
+    version = client.get_model_version(recipe.registry.registered_model_name, result.registered.version)
+    assert {k: version.tags.get(k) for k in lineage} == lineage
+    assert version.tags["vlmops.run_id"] == result.run_id
+    assert float(version.tags["metric.relaxed_accuracy"]) == pytest.approx(result.metrics["dpo"]["relaxed_accuracy"])
+
+
+def test_datasets_are_logged_as_inputs_with_their_fingerprints(demo_run):
+    _recipe, result, _tmp = demo_run
+    parent = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    inputs = {item.dataset.name: item for item in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"sft/train", "sft/eval", "preference/train", "preference/eval"}
+    for role, item in inputs.items():
+        assert item.dataset.digest == parent.data.tags[f"vlmops.data.{role.replace('/', '.')}.fingerprint"]
+        context = {tag.key: tag.value for tag in item.tags}["mlflow.data.context"]
+        assert context == ("evaluation" if role.endswith("/eval") else "training")
+
+
+def test_stage_runs_record_the_resolved_library_settings(demo_run):
+    recipe, result, _tmp = demo_run
+    client = MlflowClient(result.tracking_uri)
+    sft = next(run for run in _all_runs(client, result) if run.info.run_name == "sft")
+    params = sft.data.params
+    assert params["learning_rate"] == "0.002"  # TRL's SFTConfig, logged by the trainer
+    assert params["peft.r"] == str(recipe.lora.r) and params["bnb.bnb_4bit_use_double_quant"] == "True"
+    assert int(params["trainable_params"]) > 0
+
+
+def test_the_first_version_passing_the_floor_becomes_champion(demo_run):
+    recipe, result, _tmp = demo_run
+    assert result.promotion is not None and result.promotion.promote
+    assert "no champion yet" in result.promotion.reason
+    client = MlflowClient(result.tracking_uri)
+    name = recipe.registry.registered_model_name
+    assert str(client.get_model_version_by_alias(name, "champion").version) == result.registered.version
+    tags = client.get_model_version(name, result.registered.version).tags
+    assert tags["vlmops.promotion.decision"] == "promoted"
+    assert client.get_run(result.run_id).data.tags["vlmops.promotion.decision"] == "promoted"
+    assert "PROMOTED to champion" in format_summary(result)
+
+
+def test_an_unreachable_tracking_server_stops_the_run_before_any_work(prefect_harness, tmp_path, monkeypatch):
+    import socket
+
+    from tasks.tracking import TrackingUnavailableError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    recipe = load_recipe(REPO / "configs" / "demo.yaml", [f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} does not answer"):
+        finetune(recipe)
+    assert not (tmp_path / "runs").exists(), "data work started although MLflow was down"

@@ -60,6 +60,9 @@ def test_validation_splits_are_checked_formatted_and_evaluated_on_during_trainin
         assert 0 < int(params["trainable_params"]) < int(params["total_params"])
         assert params["per_device_train_batch_size_used"] == str(getattr(recipe, stage).per_device_train_batch_size)
         assert run.data.metrics["memory_footprint_mib"] > 0
+        # PEFT's and bitsandbytes' settings as the libraries resolved them
+        assert params["peft.r"] == "16" and params["peft.peft_type"] == "LORA"
+        assert params["bnb.bnb_4bit_quant_type"] == "nf4" and params["bnb.load_in_4bit"] == "True"
 
 
 def test_sft_stage_with_two_processes_runs_under_torchrun_and_logs_into_its_stage_run(
