@@ -95,10 +95,10 @@ class ValidationConfig(_Section):
         description="Per-check limit (GX `mostly`): check id -> share of rows that must pass, else the run "
         "stops, e.g. {image_decodes: 0.99}. Failing rows are quarantined either way.",
     )
-    max_question_chars: int = Field(512, ge=1)
-    max_answer_chars: int = Field(256, ge=1)
-    min_image_side: int = Field(8, ge=1)
-    max_image_side: int = Field(4096, ge=1)
+    max_question_chars: int = Field(512, ge=1, description="Longer questions fail the check.")
+    max_answer_chars: int = Field(256, ge=1, description="Longer answers (chosen / rejected) fail the check.")
+    min_image_side: int = Field(8, ge=1, description="Images with a side shorter than this (pixels) fail.")
+    max_image_side: int = Field(4096, ge=1, description="Images with a side longer than this (pixels) fail.")
     max_image_pixels: int = Field(
         16_777_216, ge=1, description="Width x height read from the header; larger images are refused undecoded."
     )
@@ -125,7 +125,9 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the weights that are not quantized."
     )
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; None lets transformers choose (sdpa where supported)."
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint. Off unless you trust it."
     )
@@ -135,20 +137,24 @@ class QuantizationConfig(_Section):
     """How the base weights are loaded; `bnb_*` fields are BitsAndBytesConfig's own."""
 
     mode: Literal["none", "8bit", "4bit"] = Field("none", description="none (dtype above), 8bit or 4bit (QLoRA).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NF4 (QLoRA's) or FP4.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype 4-bit weights are dequantized to for each matmul."
+    )
 
 
 class LoraConfig(_Section):
     """PEFT LoraConfig fields, passed through unchanged."""
 
-    r: int = Field(16, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    lora_alpha: int = Field(16, ge=1, description="Scaling: the update is multiplied by lora_alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
     target_modules: str | list[str] = Field("all-linear", description="`all-linear` or a list of module names.")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (slower, often better at low rank).")
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | Literal["gaussian"] = Field(
+        True, description="true: PEFT's default (Kaiming A, zero B); gaussian: Gaussian A."
+    )
     # Ours, not PEFT's: turned into PEFT's `exclude_modules` for the loaded model (tasks/training.py).
     language_model_only: bool = Field(
         False,
@@ -168,17 +174,23 @@ class TrainerConfig(_Section):
     Exception: `early_stopping_patience` is ours (transformers' EarlyStoppingCallback takes it).
     """
 
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 means use num_train_epochs.")
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is -1).")
     # effective batch = per_device_train_batch_size x gradient_accumulation_steps x processes
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    warmup_steps: int = Field(0, ge=0)
+    per_device_train_batch_size: int = Field(
+        8, ge=1, description="Samples per forward pass on each device (lowered on out-of-memory)."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes per optimizer step: effective batch = per-device batch x this x processes."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field(
         "adamw_torch",
         description="A transformers optimizer name: adamw_torch, adamw_bnb_8bit (8-bit states), paged_adamw_8bit, ...",
@@ -186,11 +198,11 @@ class TrainerConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     bf16: bool = Field(False, description="bf16 mixed precision (needs a GPU with bf16, or a recent CPU).")
     fp16: bool = Field(False, description="fp16 mixed precision (GPU only).")
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every this many steps.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="Evaluate on data.validation_split during training."
     )
-    eval_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="With eval_strategy steps: evaluate every this many steps.")
     save_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="Checkpoints; a rerun of a killed run resumes from the last one."
     )
@@ -202,7 +214,7 @@ class TrainerConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a lower validation loss."
     )
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the trainer (adapter init, data order, dropout).")
 
     @field_validator("optim")
     @classmethod
@@ -239,13 +251,15 @@ class SFTConfig(TrainerConfig):
 class DPOConfig(TrainerConfig):
     """TRL DPOConfig fields. DPO starts from the SFT adapter, whose policy is the reference."""
 
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (DPO wants it far below SFT's).")
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (SFT) policy.")
     loss_type: Literal[
         "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero",
         "apo_down", "sigmoid_norm",
     ] = Field("sigmoid", description="TRL's DPO loss: sigmoid is the paper's; ipo, robust, apo_zero, ... are variants.")
-    max_length: int | None = None
+    max_length: int | None = Field(
+        None, description="Token limit per prompt + answer; None never truncates (validation checks the budget)."
+    )
 
 
 class ResourcesConfig(_Section):
@@ -258,6 +272,11 @@ class ResourcesConfig(_Section):
     min_per_device_train_batch_size: int = Field(
         1, ge=1,
         description="On out-of-memory the per-device batch is halved (accumulation doubled) down to this size.",
+    )
+    sft_timeout_minutes: float | None = Field(None, gt=0, description="Fail the SFT task after this long; None: no limit.")
+    dpo_timeout_minutes: float | None = Field(None, gt=0, description="Fail the DPO task after this long; None: no limit.")
+    evaluation_timeout_minutes: float | None = Field(
+        None, gt=0, description="Fail each model's evaluation after this long; None: no limit."
     )
 
 
@@ -272,7 +291,7 @@ class EvaluationConfig(_Section):
 class RegistryConfig(_Section):
     """Where MLflow records the run and registers the adapter."""
 
-    experiment_name: str = "vlmops"
+    experiment_name: str = Field("vlmops", description="MLflow experiment of the runs.")
     registered_model_name: str = Field("vlmops-adapter", description="Registered model that receives the adapter.")
     candidate_alias: str = Field("candidate", description="Alias every new version gets.")
 
@@ -292,7 +311,7 @@ class PromotionConfig(_Section):
     min_primary: float = Field(
         0.0, description="Absolute floor: the first version (no champion yet) is promoted only at or above it."
     )
-    champion_alias: str = "champion"
+    champion_alias: str = Field("champion", description="Alias of the version in production.")
     previous_alias: str = Field("previous", description="Alias the replaced champion gets (what rollback returns to).")
 
 
@@ -301,17 +320,23 @@ class Recipe(_Section):
 
     name: str = Field("demo", description="Short name of the recipe, used in run names.")
     output_dir: str = Field("runs", description="Where run outputs (datasets, adapters, reports) are written.")
-    data: DataConfig = DataConfig()
-    validation: ValidationConfig = ValidationConfig()
-    model: ModelConfig = ModelConfig()
-    quantization: QuantizationConfig = QuantizationConfig()
-    lora: LoraConfig = LoraConfig()
-    sft: SFTConfig = SFTConfig()
-    dpo: DPOConfig = DPOConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    registry: RegistryConfig = RegistryConfig()
-    promotion: PromotionConfig = PromotionConfig()
+    data: DataConfig = Field(default_factory=DataConfig, description="Training, validation and held-out data.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Data checks run before any model loads."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="How the base weights load: none, 8-bit or 4-bit."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA / DoRA adapter (PEFT).")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning (TRL SFTTrainer).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference optimisation from the SFT adapter.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Processes, batch floor, timeouts.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out evaluation.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow experiment and model.")
+    promotion: PromotionConfig = Field(
+        default_factory=PromotionConfig, description="The gate from candidate to champion."
+    )
 
     @model_validator(mode="after")
     def _evaluation_during_training_needs_a_validation_split(self) -> Recipe:

@@ -4,8 +4,10 @@ Each task is a thin shell over plain functions in the sibling modules (which tes
 without Prefect). Tasks hand each other references only: folders, MLflow run ids,
 registered versions. A live model never crosses a task boundary.
 
-Caching is off for now (`NO_CACHE`): fingerprint-keyed caching arrives with the
-orchestration work, and a cache keyed on anything less would reuse stale adapters.
+Policy (tasks/orchestration.py): validation, formatting, SFT and DPO are cached on the
+content fingerprints of their data and the settings that shape them, so a flow that failed
+in DPO, run again, reuses its SFT adapter; tracking and registry calls retry with backoff on
+transient failures and never on deterministic ones; other tasks are not cached (`NO_CACHE`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
@@ -26,13 +29,19 @@ import pandas as pd
 
 from mlflow import MlflowClient
 
-from tasks import data, distributed, evaluation, formatting, memory, promotion, report, tracking, training
+from tasks import data, distributed, evaluation, formatting, memory, orchestration, promotion, report, tracking, training
 from tasks.config import PromotionConfig, QuantizationConfig, Recipe
 from tasks.models import check_hardware, load_processor, resolve_model_path
 from tasks.tiny_model import TINY_SMOLVLM
 from tasks.validation import ValidationReport, ValidationSettings, raise_if_failed, validate_rows
 
 logger = logging.getLogger(__name__)
+
+# For tasks that talk to MLflow or a hub: 3 retries after 2, 4 and 8 s, unless the error is deterministic.
+TRANSIENT_RETRIES = dict(
+    retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+    retry_condition_fn=orchestration.retry_transient,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class RegisteredAdapter:
     alias: str
 
 
-@task(name="check-tracking-server", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(name="check-tracking-server", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def check_tracking_server() -> str:
     """Fail at once, before any data or model work, when MLflow's tracking store or registry does not answer."""
     tracking.check_tracking_available()
@@ -67,7 +76,7 @@ def _flow_run_url(flow_run_id: str | None) -> str | None:
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui and flow_run_id else None
 
 
-@task(name="start-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="start-tracking-run", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def start_tracking_run(recipe: Recipe) -> str:
     """Create the MLflow parent run holding the recipe and the lineage tags; returns its id."""
     flow_run_id = flow_run.get_id()
@@ -145,29 +154,70 @@ def _text_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{k: v for k, v in row.items() if k not in ("image", "image_error")} for row in rows])
 
 
+@task(name="fingerprint-datasets", task_run_name="fingerprint data {recipe.name}", cache_policy=NO_CACHE,
+      **TRANSIENT_RETRIES)
+def fingerprint_datasets(recipe: Recipe, parent_run_id: str) -> dict[str, str]:
+    """Load every dataset, hash its content, and record it on the run (lineage tags + MLflow inputs).
+
+    Returns the fingerprints by role: the cache keys of every later stage start from them.
+    """
+    loaded = data.load_recipe_datasets(recipe.data)
+    fingerprints = {name: data.fingerprint_rows(rows) for name, (_kind, rows) in loaded.items()}
+    tracking.tag_run(parent_run_id, {
+        f"vlmops.data.{name.replace('/', '.')}.fingerprint": value for name, value in fingerprints.items()
+    })
+    tracking.log_dataset_inputs(parent_run_id, {
+        name: (*_split_of(recipe, name), fingerprints[name], _text_frame(rows)) for name, (_kind, rows) in loaded.items()
+    })
+    return fingerprints
+
+
+@task(name="compare-with-champion", task_run_name="data changed since champion?", cache_policy=NO_CACHE,
+      **TRANSIENT_RETRIES)
+def data_unchanged_since_champion(recipe: Recipe, fingerprints: dict[str, str]) -> str | None:
+    """A sentence saying why retraining is pointless when the champion saw exactly this data; else None."""
+    client = MlflowClient(tracking.tracking_uri())
+    name = recipe.registry.registered_model_name
+    champion = promotion.alias_version(client, name, recipe.promotion.champion_alias)
+    if champion is None:
+        return None
+    trained_on = {
+        role: champion.tags.get(f"vlmops.data.{role.replace('/', '.')}.fingerprint") for role in fingerprints
+    }
+    if trained_on != fingerprints:
+        changed = sorted(role for role in fingerprints if trained_on[role] != fingerprints[role])
+        logger.info("data changed since champion version %s: %s", champion.version, ", ".join(changed))
+        return None
+    return (
+        f"data unchanged since champion {name} version {champion.version} (same fingerprints for "
+        f"{', '.join(sorted(fingerprints))}); nothing retrained. Run with force=true to retrain anyway."
+    )
+
+
 @task(name="check-data", task_run_name="check data {recipe.name}", cache_policy=NO_CACHE)
 def check_data(recipe: Recipe, out_dir: Path) -> list[ValidationReport]:
     """The data checks alone (for `vlmops validate`): reports, no tracking, no exception."""
     return run_data_checks(recipe, out_dir).reports
 
 
-@task(name="validate-dataset", task_run_name="validate {recipe.name}", cache_policy=NO_CACHE)
-def validate_dataset(recipe: Recipe, run_dir: Path, parent_run_id: str) -> dict[str, list[str]]:
+@task(
+    name="validate-dataset", task_run_name="validate {recipe.name}", persist_result=True,
+    cache_key_fn=lambda _context, p: orchestration.validation_key(p["recipe"], p["fingerprints"]),
+)
+def validate_dataset(recipe: Recipe, fingerprints: dict[str, str], run_dir: Path, parent_run_id: str) -> dict[str, list[str]]:
     """Run the GX suites on every dataset of the run; quarantine failing rows.
 
     Returns the quarantined row ids by dataset name. Raises DataValidationError, with a
     report naming checks, counts and the quarantine file, when a dataset fails more rows
     than `validation.max_failed_fraction` allows: the run stops before any model loads.
+    Cached on the data's fingerprints and the checks' settings.
     """
     checked = run_data_checks(recipe, run_dir / "validation")
     reports = checked.reports
-    tracking.tag_run(parent_run_id, {
-        f"vlmops.data.{name.replace('/', '.')}.fingerprint": value for name, value in checked.fingerprints.items()
-    })
-    tracking.log_dataset_inputs(parent_run_id, {
-        name: (*_split_of(recipe, name), checked.fingerprints[name], _text_frame(rows))
-        for name, (_kind, rows) in checked.loaded.items()
-    })
+    orchestration.publish_markdown(
+        f"validation-{recipe.name}", "\n\n".join(f"```\n{r.summary()}\n```" for r in reports),
+        f"Data checks of {recipe.name}: rows checked, failed and quarantined per dataset",
+    )
     artifacts = [path for r in reports for path in (r.gx_result_path, r.quarantine_path, r.data_docs_path)]
     metrics = {f"{r.dataset.replace('/', '.')}.failed_rows": float(r.n_failed_rows) for r in reports}
     tracking.log_stage_artifacts(parent_run_id, "validate", artifacts, metrics)
@@ -175,17 +225,33 @@ def validate_dataset(recipe: Recipe, run_dir: Path, parent_run_id: str) -> dict[
     return {r.dataset: r.quarantined_row_ids for r in reports}
 
 
-@task(name="format-dataset", task_run_name="format {recipe.name}", cache_policy=NO_CACHE)
-def format_dataset(recipe: Recipe, run_dir: Path, quarantined: dict[str, list[str]]) -> FormattedData:
-    """Drop quarantined rows and write chat-formatted SFT and preference datasets; returns their folders."""
-    folders = {}
-    system_message = recipe.data.system_message
-    for name, (kind, rows) in data.load_recipe_datasets(recipe.data).items():
-        dropped = set(quarantined.get(name, []))
-        kept = [row for row in rows if row["row_id"] not in dropped]
-        path = run_dir / "data" / name.replace("/", "_")
-        save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
-        folders[name] = str(save(kept, system_message, path, image_longest_edge=recipe.data.image_longest_edge))
+def _format_folder(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> Path:
+    return orchestration.stage_dir(recipe, orchestration.format_key(recipe, fingerprints, quarantined))
+
+
+@task(
+    name="format-dataset", task_run_name="format {recipe.name}", persist_result=True,
+    cache_key_fn=lambda _context, p: orchestration.offer_when_finished(
+        orchestration.format_key(p["recipe"], p["fingerprints"], p["quarantined"]),
+        _format_folder(p["recipe"], p["fingerprints"], p["quarantined"])),
+)
+def format_dataset(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> FormattedData:
+    """Drop quarantined rows and write chat-formatted SFT and preference datasets; returns their folders.
+
+    Written to `<output_dir>/cache/format-<key>`, keyed on the data's fingerprints, the rows
+    dropped and the formatting settings; an already finished folder is reused as it is.
+    """
+    out = _format_folder(recipe, fingerprints, quarantined)
+    roles = data.recipe_roles(recipe.data)
+    folders = {name: str(out / name.replace("/", "_")) for name in roles}
+    if not orchestration.finished(out):
+        system_message = recipe.data.system_message
+        for name, (kind, rows) in data.load_recipe_datasets(recipe.data).items():
+            dropped = set(quarantined.get(name, []))
+            kept = [row for row in rows if row["row_id"] not in dropped]
+            save = formatting.save_sft_dataset if kind == "sft" else formatting.save_preference_dataset
+            save(kept, system_message, Path(folders[name]), image_longest_edge=recipe.data.image_longest_edge)
+        orchestration.mark_finished(out)
     return FormattedData(
         sft_train=folders["sft/train"],
         sft_eval=folders["sft/eval"],
@@ -242,17 +308,44 @@ def _log_training_summary(stage_dir: Path) -> None:
     mlflow.log_artifact(str(stage_dir / "training_summary.json"))
 
 
+def timed(stage_task, minutes: float | None):
+    """The task with the recipe's time limit (`resources.*_timeout_minutes`); None leaves it unlimited."""
+    return stage_task.with_options(timeout_seconds=minutes * 60) if minutes else stage_task
+
+
 def _optional_path(path: str | None) -> Path | None:
     return Path(path) if path else None
 
 
-@task(name="train-sft", task_run_name="sft {recipe.name} r{recipe.lora.r}", cache_policy=NO_CACHE, tags=["gpu"])
-def train_sft_adapter(recipe: Recipe, formatted: FormattedData, run_dir: Path, parent_run_id: str) -> str:
+def _sft_folder(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> Path:
+    return orchestration.stage_dir(recipe, orchestration.sft_key(recipe, fingerprints, quarantined))
+
+
+def _dpo_folder(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> Path:
+    return orchestration.stage_dir(recipe, orchestration.dpo_key(recipe, fingerprints, quarantined))
+
+
+@task(
+    name="train-sft", task_run_name="sft {recipe.name} r{recipe.lora.r}", tags=["gpu"], persist_result=True,
+    cache_key_fn=lambda _context, p: orchestration.offer_when_finished(
+        orchestration.sft_key(p["recipe"], p["fingerprints"], p["quarantined"]),
+        _sft_folder(p["recipe"], p["fingerprints"], p["quarantined"])),
+)
+def train_sft_adapter(
+    recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]], formatted: FormattedData,
+    parent_run_id: str,
+) -> str:
     """SFT with a LoRA adapter; the trainer's curves go to a nested `sft` MLflow run. Returns the adapter folder.
 
-    With `resources.num_processes > 1` the same training runs under torchrun (tasks/distributed.py).
+    Cached: the folder is named by the base model, the SFT data's fingerprints and the
+    adapter and SFT settings. A finished folder is reused without training; an unfinished
+    one (a killed run) resumes from its last checkpoint. With `resources.num_processes > 1`
+    the same training runs under torchrun (tasks/distributed.py).
     """
-    out = run_dir / "sft"
+    out = _sft_folder(recipe, fingerprints, quarantined)
+    if orchestration.finished(out):
+        logger.info("SFT adapter for these data and settings already trained: reusing %s", out / "adapter")
+        return str(out / "adapter")
     with tracking.stage_run(parent_run_id, "sft") as run:
         if recipe.resources.num_processes > 1:
             adapter = distributed.launch_training(
@@ -263,16 +356,31 @@ def train_sft_adapter(recipe: Recipe, formatted: FormattedData, run_dir: Path, p
         else:
             adapter = training.train_sft(
                 recipe, Path(formatted.sft_train), out, report_to=["mlflow"],
-                eval_path=_optional_path(formatted.sft_validation),
+                eval_path=_optional_path(formatted.sft_validation), callbacks=[orchestration.TrainingProgress("sft")],
             )
         _log_training_summary(out)
+    orchestration.mark_finished(out)
     return str(adapter)
 
 
-@task(name="train-dpo", task_run_name="dpo {recipe.name} beta{recipe.dpo.beta}", cache_policy=NO_CACHE, tags=["gpu"])
-def train_dpo_adapter(recipe: Recipe, sft_adapter: str, formatted: FormattedData, run_dir: Path, parent_run_id: str) -> str:
-    """DPO from the SFT adapter (the SFT policy is the reference); curves go to a nested `dpo` run."""
-    out = run_dir / "dpo"
+@task(
+    name="train-dpo", task_run_name="dpo {recipe.name} beta{recipe.dpo.beta}", tags=["gpu"], persist_result=True,
+    cache_key_fn=lambda _context, p: orchestration.offer_when_finished(
+        orchestration.dpo_key(p["recipe"], p["fingerprints"], p["quarantined"]),
+        _dpo_folder(p["recipe"], p["fingerprints"], p["quarantined"])),
+)
+def train_dpo_adapter(
+    recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]], sft_adapter: str,
+    formatted: FormattedData, parent_run_id: str,
+) -> str:
+    """DPO from the SFT adapter (the SFT policy is the reference); curves go to a nested `dpo` run.
+
+    Cached like SFT, on everything the SFT adapter depends on plus the preference data and DPO settings.
+    """
+    out = _dpo_folder(recipe, fingerprints, quarantined)
+    if orchestration.finished(out):
+        logger.info("DPO adapter for these data and settings already trained: reusing %s", out / "adapter")
+        return str(out / "adapter")
     with tracking.stage_run(parent_run_id, "dpo") as run:
         if recipe.resources.num_processes > 1:
             adapter = distributed.launch_training(
@@ -283,9 +391,10 @@ def train_dpo_adapter(recipe: Recipe, sft_adapter: str, formatted: FormattedData
         else:
             adapter = training.train_dpo(
                 recipe, Path(sft_adapter), Path(formatted.preference_train), out, ["mlflow"],
-                eval_path=_optional_path(formatted.preference_validation),
+                eval_path=_optional_path(formatted.preference_validation), callbacks=[orchestration.TrainingProgress("dpo")],
             )
         _log_training_summary(out)
+    orchestration.mark_finished(out)
     return str(adapter)
 
 
@@ -313,13 +422,20 @@ def write_evaluation_report(
         label: json.loads((out_dir / f"{label}_predictions.json").read_text()) for label in metrics_by_model
     }
     paths = report.write_comparison(metrics_by_model, out_dir)
+    orchestration.publish_table(
+        f"evaluation-{recipe.name}",
+        [{"metric": metric, **{model: round(values[metric], 4) for model, values in metrics_by_model.items()}}
+         for metric in metrics_by_model["base"] if not metric.startswith("eval_samples")],
+        f"Base, SFT and DPO on the same held-out data ({recipe.name})",
+    )
     paths["gallery"] = report.write_gallery(formatted.sft_eval, predictions_by_model, out_dir / "gallery.html")
     tracking.log_stage_artifacts(parent_run_id, "report", list(paths.values()), {})
     tracking.log_params(parent_run_id, {f"decoding.{k}": v for k, v in evaluation.decoding_config(recipe).items()})
     return {name: str(path) for name, path in paths.items()}
 
 
-@task(name="register-adapter", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register-adapter", task_run_name="register {recipe.registry.registered_model_name}",
+      cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def register_adapter(
     recipe: Recipe, parent_run_id: str, adapter_dir: str, metrics_by_model: dict[str, dict[str, float]]
 ) -> RegisteredAdapter:
@@ -331,11 +447,29 @@ def register_adapter(
     name, version = tracking.register_adapter(
         parent_run_id, recipe, Path(adapter_dir), Path(base_model_dir) if base_model_dir else None, version_tags
     )
+    _publish_mlflow_links(parent_run_id, name, version)
     return RegisteredAdapter(name=name, version=version, alias=recipe.registry.candidate_alias)
 
 
-@task(name="promote-if-better", task_run_name="gate {registered.name} v{registered.version}", retries=2,
-      retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _publish_mlflow_links(run_id: str, name: str, version: str) -> None:
+    """Prefect link artifacts to the MLflow run and the registered version (a command for a local store)."""
+    uri = tracking.tracking_uri()
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+        orchestration.publish_link("mlflow-run", f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+                                   f"MLflow run {run_id}", "The pipeline's MLflow run")
+        orchestration.publish_link("mlflow-model-version", f"{base}/#/models/{name}/versions/{version}",
+                                   f"{name} version {version}", "The registered adapter version")
+    else:
+        orchestration.publish_markdown("mlflow-run", (
+            f"MLflow run `{run_id}`, registered as **{name} version {version}** in `{uri}`.\n\n"
+            f"Open it: `mlflow ui --backend-store-uri {uri}`, then experiment {experiment_id}."
+        ), "Where the run and the registered adapter are")
+
+
+@task(name="promote-if-better", task_run_name="gate {registered.name} v{registered.version}", cache_policy=NO_CACHE,
+      **TRANSIENT_RETRIES)
 def promote_if_better(
     recipe: Recipe, registered: RegisteredAdapter, formatted: FormattedData, run_dir: Path, parent_run_id: str
 ) -> promotion.Decision | None:
@@ -393,9 +527,11 @@ def _as_trained(recipe: Recipe, registered: dict) -> Recipe:
     })
 
 
-@task(name="finish-tracking-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def finish_tracking_run(parent_run_id: str, status: str = "FINISHED") -> None:
-    """Close the MLflow parent run as FINISHED or FAILED."""
+@task(name="finish-tracking-run", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def finish_tracking_run(parent_run_id: str, status: str = "FINISHED", skipped: str | None = None) -> None:
+    """Close the MLflow parent run as FINISHED or FAILED; a skipped run says why in `vlmops.skipped`."""
+    if skipped:
+        tracking.tag_run(parent_run_id, {"vlmops.skipped": skipped})
     tracking.end_pipeline_run(parent_run_id, status)
 
 
@@ -407,8 +543,7 @@ class EvalData:
     preference_eval: str
 
 
-@task(name="fetch-registered-adapter", task_run_name="fetch {model_uri}", retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
+@task(name="fetch-registered-adapter", task_run_name="fetch {model_uri}", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def fetch_registered_adapter(model_uri: str, run_dir: Path) -> dict:
     """Download a registered adapter model; returns its adapter folder and base model settings."""
     return tracking.download_registered_adapter(model_uri, run_dir / "registered")

@@ -5,6 +5,7 @@ unless VLMOPS_CACHE_DIR points elsewhere, so tests never touch the user's own ca
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry writes race the test harness
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # plain-function tests log too
+# Cached task results (validation, formatting, training) go to a throwaway folder, not ~/.prefect.
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="vlmops-prefect-results-"))
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_bad_data_stops_the_run_before_any_training(tiny_model_dir, prefect_harn
     parent = next(run for run in runs if run.info.run_name == "finetune demo")
     assert parent.info.status == "FAILED"
     assert list((tmp_path / "runs").glob("*/validation/quarantine/*.jsonl"))
-    assert not list((tmp_path / "runs").glob("*/sft"))
+    assert not list((tmp_path / "runs").glob("cache/sft-*"))
 
 
 def test_evaluate_flow_reproduces_the_registered_versions_metrics(demo_run, capsys):

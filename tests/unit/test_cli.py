@@ -55,4 +55,4 @@ def test_a_recipe_this_machine_cannot_run_exits_3_before_training(prefect_harnes
     assert main(["run", "-c", DEMO, *SMALL, "--set", "sft.fp16=true"]) == 3
     err = capsys.readouterr().err
     assert "cannot run the recipe" in err and "sft.fp16 mixed precision needs a GPU" in err
-    assert not list(tmp_path.glob("runs/*/sft")), "training started although the hardware check failed"
+    assert not list(tmp_path.glob("runs/cache/sft-*")), "training started although the hardware check failed"

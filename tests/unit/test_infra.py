@@ -158,6 +158,15 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def _copied() -> set[str]:
+    """Top-level paths of the build context that COPY puts into the image."""
+    sources = set()
+    for keyword, arguments in _dockerfile_instructions():
+        if keyword == "COPY":
+            sources |= {Path(source).parts[0] for source in arguments.split()[:-1] if not source.startswith("--")}
+    return sources
+
+
 def _dockerfile_env() -> dict[str, str]:
     env = {}
     for keyword, arguments in _dockerfile_instructions():
@@ -245,8 +254,8 @@ def test_no_secret_is_committed():
             if SECRET_NAME.search(key):
                 assert re.fullmatch(r"\$\{[A-Z_]+(:[-?][^}]*)?\}", str(value)), f"{name}.{key} is a literal"
             if "://" in str(value) and "@" in str(value):
-                userinfo = urlsplit(str(value)).netloc.rpartition("@")[0]
-                assert all(part.startswith("${") for part in userinfo.split(":")), f"{name}.{key}: literal credentials"
+                userinfo = urlsplit(COMPOSE_VAR.sub("VAR", str(value))).netloc.rpartition("@")[0]
+                assert set(userinfo.split(":")) == {"VAR"}, f"{name}.{key}: literal credentials in a URL"
     # Kubernetes: secrets come from a Secret, never from the template or the Helm values.
     for entry in _job_container(_job_template())["env"]:
         if SECRET_NAME.search(entry["name"]):
@@ -348,14 +357,16 @@ def test_mlflow_variables_are_mlflow_server_options():
     assert _compose()["services"]["mlflow"]["command"] == ["mlflow", "server"]
 
 
-def test_the_project_reads_the_variables_the_stack_sets():
+def test_the_project_reads_the_variables_the_stack_sets(monkeypatch):
     sources = "".join(path.read_text() for path in (REPO / "tasks").glob("*.py"))
     for name in ("MLFLOW_TRACKING_URI", "VLMOPS_CACHE_DIR"):
         assert f'"{name}"' in sources, f"tasks/ never reads {name}"
-    import huggingface_hub.constants as hub
+    import huggingface_hub
+    import huggingface_hub.constants
 
-    hub_source = Path(hub.__file__).read_text()
-    assert '"HF_HOME"' in hub_source and '"HF_TOKEN"' in hub_source
+    assert '"HF_HOME"' in Path(huggingface_hub.constants.__file__).read_text()
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert huggingface_hub.get_token() == "hf_test"
     worker = _service_env("worker")
     container = {entry["name"] for entry in _job_container(_job_template())["env"]}
     for name in ("MLFLOW_TRACKING_URI", "VLMOPS_CACHE_DIR", "HF_HOME", "HF_TOKEN"):
@@ -371,7 +382,16 @@ def test_versions_in_the_stack_match_the_project():
     mlflow_dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
     assert f"mlflow=={mlflow.__version__}" in mlflow_dockerfile
     assert services["mlflow"]["image"].endswith(f":{mlflow.__version__}")
-    assert re.search(r"psycopg2-binary==\S+", mlflow_dockerfile) and re.search(r"boto3==\S+", mlflow_dockerfile)
+    # The server's drivers: the versions the integration test runs the MLflow server with.
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package, pattern in (("psycopg", r'"psycopg\[binary\]==([^"]+)"'), ("boto3", r"boto3==(\S+)")):
+        pinned = re.search(pattern, mlflow_dockerfile)
+        assert pinned, f"mlflow/Dockerfile: pin {package}"
+        try:
+            assert pinned.group(1) == version(package), f"{package}: the image and the tested environment differ"
+        except PackageNotFoundError:
+            pass
     # The PostgreSQL major version the integration test runs (Debian bookworm: 15).
     assert services["postgres"]["image"].startswith("postgres:15")
 
@@ -418,8 +438,7 @@ def test_dockerfile_builds_the_project_on_cuda():
     assert f"pip install {torch_pin}" in runs[torch_run], "the image's torch must be the pinned version"
     project_run = next(i for i, run in enumerate(runs) if re.search(r"pip install (-e )?\.$", run))
     assert torch_run < project_run, "torch first, so the project does not resolve another torch build"
-    copied = {Path(arguments.split()[0]).parts[0] for keyword, arguments in instructions if keyword == "COPY"}
-    assert {"pyproject.toml", "README.md", "flows", "tasks", "configs", "prefect.yaml"} <= copied
+    assert {"pyproject.toml", "README.md", "flows", "tasks", "configs", "prefect.yaml"} <= _copied()
     assert ("WORKDIR", "/opt/vlmops") in instructions
     assert any(keyword == "USER" and arguments != "root" for keyword, arguments in instructions)
 
@@ -448,10 +467,9 @@ def test_prefect_yaml_entrypoints_are_in_the_image():
     deployments = _prefect_yaml().get("deployments") or []
     if not deployments:
         pytest.skip("prefect.yaml has no deployments")
-    copied = {Path(arguments.split()[0]).parts[0] for keyword, arguments in _dockerfile_instructions() if keyword == "COPY"}
     for deployment in deployments:
         path, _, function = deployment["entrypoint"].partition(":")
-        assert Path(path).parts[0] in copied, f"{path} is not copied into the image"
+        assert Path(path).parts[0] in _copied(), f"{path} is not copied into the image"
         source = REPO / path
         if not source.is_file():
             pytest.skip(f"{path} does not exist yet (prefect.yaml names it)")
@@ -494,14 +512,16 @@ def test_job_template_renders_to_a_valid_gpu_job():
     api_url = "http://prefect.example.internal:4200/api"
 
     async def render() -> dict:
+        # The template references no blocks or Prefect variables, so the client is never called.
         configuration = await KubernetesWorkerJobConfiguration.from_template_and_values(
             template, {"gpu_count": 4, "env": {"EXTRA": "1"}, "node_selector": {"gpu": "h100"}}
         )
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="weekly-run"))
+        configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="weekly-run"))
         return configuration.job_manifest
 
-    manifest = asyncio.run(render())
+    # An API URL as a worker has one (and no temporary local server is started).
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        manifest = asyncio.run(render())
     pod = manifest["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 4}

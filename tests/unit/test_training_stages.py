@@ -39,15 +39,16 @@ def test_validation_splits_are_checked_formatted_and_evaluated_on_during_trainin
     run_dir = tmp_path / "runs" / "r"
     parent = tracking.start_pipeline_run(recipe)
 
-    quarantined = stages.validate_dataset.fn(recipe, run_dir, parent)
+    fingerprints = stages.fingerprint_datasets.fn(recipe, parent)
+    quarantined = stages.validate_dataset.fn(recipe, fingerprints, run_dir, parent)
     assert {"sft/validation", "preference/validation"} <= set(quarantined)
-    formatted = stages.format_dataset.fn(recipe, run_dir, quarantined)
+    formatted = stages.format_dataset.fn(recipe, fingerprints, quarantined)
     assert formatted.sft_validation and Path(formatted.sft_validation).is_dir()
     assert formatted.preference_validation and Path(formatted.preference_validation).is_dir()
 
     stages.prepare_base_model.fn(recipe, parent)
-    sft_adapter = stages.train_sft_adapter.fn(recipe, formatted, run_dir, parent)
-    stages.train_dpo_adapter.fn(recipe, sft_adapter, formatted, run_dir, parent)
+    sft_adapter = stages.train_sft_adapter.fn(recipe, fingerprints, quarantined, formatted, parent)
+    stages.train_dpo_adapter.fn(recipe, fingerprints, quarantined, sft_adapter, formatted, parent)
 
     client = MlflowClient(isolated_mlflow)
     parent_params = client.get_run(parent).data.params
@@ -77,11 +78,12 @@ def test_sft_stage_with_two_processes_runs_under_torchrun_and_logs_into_its_stag
     })
     run_dir = tmp_path / "runs" / "r"
     parent = tracking.start_pipeline_run(recipe)
-    formatted = stages.format_dataset.fn(recipe, run_dir, {})
-    adapter = stages.train_sft_adapter.fn(recipe, formatted, run_dir, parent)
+    fingerprints = stages.fingerprint_datasets.fn(recipe, parent)
+    formatted = stages.format_dataset.fn(recipe, fingerprints, {})
+    adapter = stages.train_sft_adapter.fn(recipe, fingerprints, {}, formatted, parent)
 
     assert (Path(adapter) / "adapter_config.json").is_file()
-    assert (run_dir / "sft" / "torchrun.log").is_file()
+    assert (Path(adapter).parent / "torchrun.log").is_file()
     client = MlflowClient(isolated_mlflow)
     run = _stage_run(client, parent, "sft")
     assert run.data.params["world_size"] == "2"
