@@ -142,6 +142,11 @@ class QuantizationConfig(_Section):
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="Dtype 4-bit weights are dequantized to for each matmul."
     )
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="Dtype the packed 4-bit weights are stored in; FSDP / DeepSpeed ZeRO-3 QLoRA need it equal to "
+        "the model's dtype (e.g. bfloat16) so the shards flatten together.",
+    )
 
 
 class LoraConfig(_Section):

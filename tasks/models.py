@@ -116,6 +116,7 @@ def bitsandbytes_config(quantization: QuantizationConfig) -> BitsAndBytesConfig 
         bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quantization.bnb_4bit_compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quantization.bnb_4bit_quant_storage),
     )
 
 

@@ -46,7 +46,7 @@ ACCELERATE = INFRA / "accelerate"
 # The ports the project documents: Prefect 4200, MLflow 5000, MinIO 9000 (S3) / 9001
 # (console), PostgreSQL 5432.
 PORTS = {"prefect-server": {4200}, "mlflow": {5000}, "minio": {9000, 9001}, "postgres": {5432}}
-# Work pools, by type. prefect.yaml is the source of truth once it names them (see _pool_names).
+# Work pools, by type: what compose and the Helm values poll, and what prefect.yaml must deploy to.
 POOLS = {"process": "vlmops-process", "kubernetes": "vlmops-k8s-gpu"}
 # Values of these names are credentials: they may only come from .env (or a Kubernetes Secret).
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING|ACCESS_KEY|API_KEY")
@@ -131,15 +131,8 @@ def _prefect_yaml() -> dict:
 
 
 def _pool_names() -> dict[str, str]:
-    """Pool name by type: prefect.yaml's names when it uses ours, else the agreed constants."""
-    used = {
-        (deployment.get("work_pool") or {}).get("name")
-        for deployment in _prefect_yaml().get("deployments") or []
-    }
-    if not used & set(POOLS.values()):
-        # prefect.yaml does not name the team pools yet: the constants are the contract.
-        return dict(POOLS)
-    return {kind: name for kind, name in POOLS.items() if name in used}
+    """Pool name by type, as the infra files must use them (prefect.yaml is checked against these)."""
+    return dict(POOLS)
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -310,6 +303,18 @@ def test_worker_health_port_is_prefects_default():
 
     port = Settings().worker.webserver.port
     assert f":{port}/health" in str(_compose()["services"]["worker"]["healthcheck"]["test"])
+
+
+def test_prefect_yaml_names_the_infra_pools():
+    """Deployments only target pools the infra serves; both pools are named in prefect.yaml
+    (on a deployment, or under `definitions.work_pools` for deployments to switch to)."""
+    document = _prefect_yaml()
+    deployed = {(deployment.get("work_pool") or {}).get("name") for deployment in document.get("deployments") or []}
+    defined = {pool.get("name") for pool in ((document.get("definitions") or {}).get("work_pools") or {}).values()}
+    if not (deployed | defined) & set(POOLS.values()):
+        pytest.skip(f"prefect.yaml does not use the team work pools yet (it names {sorted(map(str, deployed))})")
+    assert deployed <= set(POOLS.values()), f"prefect.yaml deploys to pools no infra file serves: {deployed - set(POOLS.values())}"
+    assert set(POOLS.values()) <= deployed | defined, f"prefect.yaml never names {set(POOLS.values()) - deployed - defined}"
 
 
 def test_compose_worker_polls_the_process_pool_of_prefect_yaml():
@@ -560,6 +565,17 @@ def test_helm_worker_and_cache_claim_match_the_template():
     assert values["apiConfig"] == "server"
     assert values["image"]["prefectTag"].startswith(f"{prefect.__version__}-")
     assert values["extraEnvVarsSecret"] == template["secret_name"]["default"]
+    # The worker's auth string reaches Jobs as a reference to that Secret, never as plain text.
+    pytest.importorskip("prefect_kubernetes", reason="prefect-kubernetes (test extra) reads these settings")
+    from prefect_kubernetes.settings import KubernetesSettings
+
+    extra = {entry["name"]: entry["value"] for entry in values["extraEnvVars"]}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in extra.items():
+            patch.setenv(key, value)
+        settings = KubernetesSettings().worker
+    assert settings.api_auth_string_secret_name == template["secret_name"]["default"]
+    assert settings.api_auth_string_secret_key == "PREFECT_API_AUTH_STRING"
     claim = yaml.safe_load(CACHE_PVC.read_text())
     assert claim["kind"] == "PersistentVolumeClaim"
     assert claim["metadata"]["name"] == template["cache_claim_name"]["default"]

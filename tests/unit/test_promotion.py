@@ -50,6 +50,7 @@ def registry(isolated_mlflow, prefect_harness):
     name = "adapter"
     client.create_registered_model(name)
     mlflow.set_tracking_uri(isolated_mlflow)
+    mlflow.set_experiment("promotion")  # not an experiment id left active by an earlier test's store
     for _ in range(3):
         with mlflow.start_run() as run:
             mlflow.log_text("weights", "model/adapter.txt")
