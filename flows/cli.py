@@ -62,6 +62,8 @@ def format_summary(result) -> str:
     """The end-of-run table: base / SFT / DPO side by side, then where to find everything."""
     from mlflow import MlflowClient
 
+    if result.skipped:
+        return f"\nnothing trained: {result.skipped}\nMLflow run: {result.run_id}"
     models = list(result.metrics)
     metric_names = [name for name in result.metrics[models[0]] if not name.startswith("eval_samples")]
     width = max(len(name) for name in metric_names) + 2

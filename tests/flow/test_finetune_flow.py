@@ -236,3 +236,23 @@ def test_an_unreachable_tracking_server_stops_the_run_before_any_work(prefect_ha
     with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} does not answer"):
         finetune(recipe)
     assert not (tmp_path / "runs").exists(), "data work started although MLflow was down"
+
+
+def test_the_flow_run_publishes_its_artifacts(demo_run):
+    """What the Prefect UI's Artifacts tab shows: validation summary, training progress, comparison, MLflow pointer."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    _recipe, result, _tmp = demo_run
+    flow_run_id = MlflowClient(result.tracking_uri).get_run(result.run_id).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"validation-demo", "sft-progress", "dpo-progress", "evaluation-demo", "mlflow-run"} <= set(by_key)
+    assert by_key["sft-progress"].data == pytest.approx(100.0) and by_key["dpo-progress"].data == pytest.approx(100.0)
+    assert by_key["validation-demo"].type == "markdown" and "sft/train" in by_key["validation-demo"].data
+    table = by_key["evaluation-demo"]
+    assert table.type == "table" and "relaxed_accuracy" in str(table.data)
+    assert result.run_id in by_key["mlflow-run"].data

@@ -95,6 +95,9 @@ def test_weekly_run_on_unchanged_data_ends_early_and_completed(runs):
     assert weekly.registered is None and after_weekly == after_rerun  # nothing trained
     run = MlflowClient(weekly.tracking_uri).get_run(weekly.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["vlmops.skipped"] == weekly.skipped
+    from flows.cli import format_summary
+
+    assert "nothing trained: data unchanged since champion" in format_summary(weekly)
 
 
 def test_force_trains_even_on_unchanged_data(runs):
