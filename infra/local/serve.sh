@@ -74,6 +74,7 @@ PREFECT_URL="http://$HOST:$PREFECT_PORT"
 MLFLOW_URL="http://$HOST:$MLFLOW_PORT"
 
 STARTED=()
+declare -A LOG_OFFSET  # where each service's log stood when this serve started it (logs are appended to)
 cleanup_on_failure() {
     local rc=$?
     if [[ $rc -ne 0 && ${#STARTED[@]} -gt 0 ]]; then
@@ -86,6 +87,7 @@ trap cleanup_on_failure EXIT
 start_group() {  # name command...: runs in a new session; its PID (= process group id) goes to name.pid
     local name=$1
     shift
+    LOG_OFFSET[$name]=$(stat -c %s "$LOGS/$name.log" 2>/dev/null || echo 0)
     setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
     echo $! >"$STATE/$name.pid"
     STARTED+=("$name")
@@ -110,7 +112,10 @@ wait_until() {  # name timeout_s command...: polls the command until it succeeds
         sleep 1
     done
     # setsid made the process a session (and group) leader: the PID file is the group to stop.
-    [[ "$(ps -o pgid= -p "$pid" | tr -d ' ')" == "$pid" ]] || { echo "serve: $name is not its own process group" >&2; return 1; }
+    if [[ "$(ps -o pgid= -p "$pid" | tr -d ' ')" != "$pid" ]]; then
+        echo "serve: $name (PID $pid) is not the leader of its own process group" >&2
+        return 1
+    fi
     echo "serve: $name answers ($((SECONDS - start)) s)"
 }
 
@@ -119,7 +124,9 @@ http_ok() { curl --silent --fail --noproxy '*' --max-time 3 --output /dev/null "
 # 1. Both servers start at once (Prefect takes ~30 s to come up, MLflow ~10 s).
 echo "serve: starting Prefect on $PREFECT_URL and MLflow on $MLFLOW_URL (state: $STATE)"
 mkdir -p "$STATE/mlflow/artifacts" "$PREFECT_HOME"
-PREFECT_UI_API_URL="$PREFECT_URL/api" \
+# SQLite in the state dir, whatever database this shell points Prefect at.
+PREFECT_SERVER_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$PREFECT_HOME/prefect.db" \
+    PREFECT_UI_API_URL="$PREFECT_URL/api" \
     start_group prefect-server "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT"
 # One uvicorn worker and no job-execution consumers: the UI and registry need neither.
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
@@ -144,8 +151,13 @@ echo "serve: deploying prefect.yaml (log: $LOGS/deploy.log)"
 # MLFLOW_TRACKING_URI / PREFECT_API_URL (and whatever else this shell exports) inherited.
 PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}" \
     start_group worker "$BIN/prefect" worker start --pool "$POOL" --type process
-pool_ready() { curl --silent --fail --noproxy '*' --max-time 3 "$PREFECT_API_URL/work_pools/$POOL" | grep -Eq '"status": ?"READY"'; }
-wait_until worker 90 pool_ready
+# Ready: this worker says it started, and the pool is READY (it has an online worker).
+worker_ready() {
+    tail -c +$((LOG_OFFSET[worker] + 1)) "$LOGS/worker.log" | grep -q "started!" \
+        && curl --silent --fail --noproxy '*' --max-time 3 "$PREFECT_API_URL/work_pools/$POOL" \
+        | grep -Eq '"status": ?"READY"'
+}
+wait_until worker 90 worker_ready
 
 cat >"$STATE/stack.env" <<EOF
 # source this file to point runs and the CLIs at the stack \`make serve\` started
