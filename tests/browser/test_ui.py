@@ -12,7 +12,7 @@ without it.
 from __future__ import annotations
 
 import pytest
-from browser.conftest import CHROMIUM, MODEL, LocalStack, small_recipe
+from local_stack import CHROMIUM, MODEL, LocalStack, small_recipe
 
 if not CHROMIUM.is_file():
     pytest.skip(

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from browser.conftest import DEPLOYMENTS, MODEL, POOL, SERVE, LocalStack, shared_local_stack, small_recipe
+from local_stack import DEPLOYMENTS, MODEL, POOL, SERVE, LocalStack, shared_local_stack, small_recipe
 from servers import server_env
 
 pytestmark = pytest.mark.slow
