@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from servers import free_port, log_tail, server_env
+from servers import free_port, log_tail, process_table, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE, STOP = REPO / "infra" / "local" / "serve.sh", REPO / "infra" / "local" / "stop.sh"
@@ -45,22 +45,6 @@ def small_recipe(output_dir: Path, *overrides: str) -> dict:
 
     recipe = load_recipe(REPO / "configs" / "demo.yaml", [*SMALL, f"output_dir={output_dir}", *overrides])
     return recipe.model_dump(mode="json")
-
-
-def _proc_table() -> dict[int, tuple[int, int, str, str]]:
-    """pid -> (ppid, pgid, state, command line) of every process, from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # "pid (comm) state ppid pgrp ..."
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0], cmdline)
-    return table
 
 
 @dataclass
@@ -113,7 +97,7 @@ class LocalStack:
             for line in env_file.read_text().splitlines() if line.startswith("export ")
         )
         stack = cls(state_dir, values["PREFECT_UI_URL"], values["MLFLOW_TRACKING_URI"])
-        alive = {pgid for _pid, (_ppid, pgid, state, _cmd) in _proc_table().items() if state != "Z"}
+        alive = {pgid for _pid, (_ppid, pgid, state, _cmd) in process_table().items() if state != "Z"}
         groups = stack.groups()
         return stack if len(groups) == len(SERVICES) and set(groups.values()) <= alive else None
 
@@ -126,7 +110,7 @@ class LocalStack:
 
     def processes(self) -> dict[int, str]:
         """pid -> command line of every live process of the stack: its groups and their descendants."""
-        table = _proc_table()
+        table = process_table()
         picked = {pid for pid, (_ppid, pgid, _state, _cmd) in table.items() if pgid in set(self.groups().values())}
         grew = True
         while grew:

@@ -123,19 +123,20 @@ def wait_http(
         time.sleep(0.25)
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) for every process, from /proc (Linux)."""
+def process_table() -> dict[int, tuple[int, int, str, str]]:
+    """pid -> (ppid, pgid, state, command line) for every process, from /proc (Linux)."""
     table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue  # gone meanwhile
         # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
         fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0], cmdline)
     return table
 
 
@@ -199,7 +200,7 @@ class ManagedProcess:
             pass
         if not Path("/proc/self/stat").exists():
             return [self.pgid]  # no /proc: the group exists, assume it is alive
-        return [pid for pid, (_ppid, pgid, state) in _proc_table().items() if pgid == self.pgid and state != "Z"]
+        return [pid for pid, (_ppid, pgid, state, _cmd) in process_table().items() if pgid == self.pgid and state != "Z"]
 
     def group_alive(self) -> bool:
         return bool(self.group_members())
@@ -208,9 +209,9 @@ class ManagedProcess:
         """pid -> pgid of every live descendant of the leader (some may have left the group)."""
         if not Path("/proc/self/stat").exists():
             return {}
-        table = _proc_table()
+        table = process_table()
         children: dict[int, list[int]] = {}
-        for pid, (ppid, _pgid, _state) in table.items():
+        for pid, (ppid, _pgid, _state, _cmd) in table.items():
             children.setdefault(ppid, []).append(pid)
         found, todo = {}, [self.process.pid]
         while todo:
