@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,18 @@ def mark_finished(folder: Path) -> None:
     (folder / "DONE").write_text("")
 
 
-def offer_when_finished(key: str, folder: Path) -> str | None:
-    """The key for Prefect only when the folder's work is complete; None means "do not cache this run"."""
-    return key if finished(folder) else None
+def cache_key_when_finished(stage_key: Callable[[Recipe, dict[str, str], dict[str, list[str]]], str]):
+    """A Prefect `cache_key_fn` for a stage that writes into `stage_dir(recipe, key)`.
+
+    It offers the key only when that folder's work is complete; None means "do not cache
+    this run", so a deleted or half-written folder is never served from Prefect's cache.
+    """
+    def cache_key(_context, parameters: dict[str, Any]) -> str | None:
+        recipe = parameters["recipe"]
+        key = stage_key(recipe, parameters["fingerprints"], parameters["quarantined"])
+        return key if finished(stage_dir(recipe, key)) else None
+
+    return cache_key
 
 
 # --- retries ----------------------------------------------------------------------------------

@@ -225,15 +225,9 @@ def validate_dataset(recipe: Recipe, fingerprints: dict[str, str], run_dir: Path
     return {r.dataset: r.quarantined_row_ids for r in reports}
 
 
-def _format_folder(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> Path:
-    return orchestration.stage_dir(recipe, orchestration.format_key(recipe, fingerprints, quarantined))
-
-
 @task(
     name="format-dataset", task_run_name="format {recipe.name}", persist_result=True,
-    cache_key_fn=lambda _context, p: orchestration.offer_when_finished(
-        orchestration.format_key(p["recipe"], p["fingerprints"], p["quarantined"]),
-        _format_folder(p["recipe"], p["fingerprints"], p["quarantined"])),
+    cache_key_fn=orchestration.cache_key_when_finished(orchestration.format_key),
 )
 def format_dataset(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> FormattedData:
     """Drop quarantined rows and write chat-formatted SFT and preference datasets; returns their folders.
@@ -241,7 +235,7 @@ def format_dataset(recipe: Recipe, fingerprints: dict[str, str], quarantined: di
     Written to `<output_dir>/cache/format-<key>`, keyed on the data's fingerprints, the rows
     dropped and the formatting settings; an already finished folder is reused as it is.
     """
-    out = _format_folder(recipe, fingerprints, quarantined)
+    out = orchestration.stage_dir(recipe, orchestration.format_key(recipe, fingerprints, quarantined))
     roles = data.recipe_roles(recipe.data)
     folders = {name: str(out / name.replace("/", "_")) for name in roles}
     if not orchestration.finished(out):
@@ -317,19 +311,9 @@ def _optional_path(path: str | None) -> Path | None:
     return Path(path) if path else None
 
 
-def _sft_folder(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> Path:
-    return orchestration.stage_dir(recipe, orchestration.sft_key(recipe, fingerprints, quarantined))
-
-
-def _dpo_folder(recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]]) -> Path:
-    return orchestration.stage_dir(recipe, orchestration.dpo_key(recipe, fingerprints, quarantined))
-
-
 @task(
     name="train-sft", task_run_name="sft {recipe.name} r{recipe.lora.r}", tags=["gpu"], persist_result=True,
-    cache_key_fn=lambda _context, p: orchestration.offer_when_finished(
-        orchestration.sft_key(p["recipe"], p["fingerprints"], p["quarantined"]),
-        _sft_folder(p["recipe"], p["fingerprints"], p["quarantined"])),
+    cache_key_fn=orchestration.cache_key_when_finished(orchestration.sft_key),
 )
 def train_sft_adapter(
     recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]], formatted: FormattedData,
@@ -342,7 +326,7 @@ def train_sft_adapter(
     one (a killed run) resumes from its last checkpoint. With `resources.num_processes > 1`
     the same training runs under torchrun (tasks/distributed.py).
     """
-    out = _sft_folder(recipe, fingerprints, quarantined)
+    out = orchestration.stage_dir(recipe, orchestration.sft_key(recipe, fingerprints, quarantined))
     if orchestration.finished(out):
         logger.info("SFT adapter for these data and settings already trained: reusing %s", out / "adapter")
         return str(out / "adapter")
@@ -365,9 +349,7 @@ def train_sft_adapter(
 
 @task(
     name="train-dpo", task_run_name="dpo {recipe.name} beta{recipe.dpo.beta}", tags=["gpu"], persist_result=True,
-    cache_key_fn=lambda _context, p: orchestration.offer_when_finished(
-        orchestration.dpo_key(p["recipe"], p["fingerprints"], p["quarantined"]),
-        _dpo_folder(p["recipe"], p["fingerprints"], p["quarantined"])),
+    cache_key_fn=orchestration.cache_key_when_finished(orchestration.dpo_key),
 )
 def train_dpo_adapter(
     recipe: Recipe, fingerprints: dict[str, str], quarantined: dict[str, list[str]], sft_adapter: str,
@@ -377,7 +359,7 @@ def train_dpo_adapter(
 
     Cached like SFT, on everything the SFT adapter depends on plus the preference data and DPO settings.
     """
-    out = _dpo_folder(recipe, fingerprints, quarantined)
+    out = orchestration.stage_dir(recipe, orchestration.dpo_key(recipe, fingerprints, quarantined))
     if orchestration.finished(out):
         logger.info("DPO adapter for these data and settings already trained: reusing %s", out / "adapter")
         return str(out / "adapter")
